@@ -1,0 +1,1 @@
+"""Evaluation of encoders: linear probe, k-NN, reconstructions."""

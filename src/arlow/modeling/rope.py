@@ -1,0 +1,119 @@
+"""Rotary position arithmetic shared by the vision encoder and the language model.
+
+Everything here is a pure function of integers and grids (design D5): no module state, so it can be tested on
+its own, cached, and computed outside a traced graph when exporting.
+
+Conventions
+-----------
+* A head of ``D`` channels carries ``D / 2`` rotary frequencies ``inv_freq[j] = theta ** (-2j / D)``.
+  Channel ``c`` and channel ``c + D/2`` form a rotated pair ("half-split" layout); ``cos``/``sin`` tables are
+  ``cat([f, f], -1)`` of the per-frequency angles ``f``, and :func:`rotate_half` pairs the same channels, so
+  :func:`apply_rotary` is an exact rotation (norms preserved, scores depend only on position offsets).
+* Multi-axis positions (t, h, w) share the ``D / 2`` frequency slots between the axes: ``sections`` (in channels,
+  each even) give each axis ``section / 2`` slots, assigned round-robin T, H, W, T, H, W, ... (the interleaved
+  layout of Qwen3-VL) so every axis sees both high and low frequencies.
+* Grids ``grid_thw`` are ``(n_items, 3)`` integer tensors in patch units; items are images or videos.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "rotate_half",
+    "apply_rotary",
+    "rope_inv_freq",
+    "mrope_slot_axes",
+    "multi_axis_angles",
+    "vision_patch_positions",
+    "vision_seq_lengths",
+    "cu_seqlens_from_lengths",
+]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(..., D) -> (..., D)``: maps the pair (x_c, x_{c+D/2}) to (-x_{c+D/2}, x_c)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (..., D)`` by angles whose ``cos``/``sin`` (broadcastable to ``x``) use the half-split layout.
+
+    Computed in fp32 and cast back, so bf16 activations get an accurate rotation.
+    """
+    dtype = x.dtype
+    x = x.float()
+    return (x * cos.float() + rotate_half(x) * sin.float()).to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """``(head_dim / 2,)`` float32 inverse frequencies ``theta ** (-2j / head_dim)``."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (theta**exponents)
+
+
+def mrope_slot_axes(sections: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """Which axis (0 = t, 1 = h, 2 = w) drives each of the ``sum(sections) / 2`` frequency slots.
+
+    Slots are dealt round-robin over the axes that still have budget: [32, 32, 32] -> 0,1,2,0,1,2,...;
+    [20, 22, 22] -> 0,1,2 repeated ten times, then 1,2.
+    """
+    budget = [s // 2 for s in sections]
+    total = sum(budget)
+    axes: list[int] = []
+    axis = 0
+    while len(axes) < total:
+        if budget[axis] > 0:
+            axes.append(axis)
+            budget[axis] -= 1
+        axis = (axis + 1) % len(budget)
+    return torch.tensor(axes, dtype=torch.long)
+
+
+def multi_axis_angles(positions: torch.Tensor, inv_freq: torch.Tensor, slot_axes: torch.Tensor) -> torch.Tensor:
+    """Per-slot rotary angles for multi-axis positions.
+
+    Args:
+        positions: ``(..., 3)`` positions along (t, h, w) (int or float).
+        inv_freq: ``(D/2,)`` inverse frequencies.
+        slot_axes: ``(D/2,)`` axis index of each slot (:func:`mrope_slot_axes`).
+    Returns:
+        ``(..., D/2)`` float32 angles; ``cat([a, a], -1)`` gives the half-split table for :func:`apply_rotary`.
+    """
+    picked = positions.float().index_select(-1, slot_axes.to(positions.device))
+    return picked * inv_freq.to(positions.device)
+
+
+def vision_patch_positions(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """Integer (t, h, w) position of every patch, items concatenated, in merge-window-major order.
+
+    Within an item the order is (t, h // s, w // s, dh, dw): the ``s * s`` patches of each merge window are
+    contiguous, matching the processor's patch rows.
+
+    Args:
+        grid_thw: ``(n_items, 3)`` patch-unit grids; h and w divisible by ``merge_size``.
+    Returns:
+        ``(sum(t*h*w), 3)`` int64.
+    """
+    out = []
+    s = merge_size
+    for t, h, w in grid_thw.tolist():
+        ti = torch.arange(t).view(t, 1, 1, 1, 1)
+        hi = (torch.arange(h // s).view(1, -1, 1, 1, 1) * s + torch.arange(s).view(1, 1, 1, s, 1))
+        wi = (torch.arange(w // s).view(1, 1, -1, 1, 1) * s + torch.arange(s).view(1, 1, 1, 1, s))
+        shape = (t, h // s, w // s, s, s)
+        out.append(torch.stack([ti.expand(shape), hi.expand(shape), wi.expand(shape)], dim=-1).reshape(-1, 3))
+    if not out:
+        return torch.zeros(0, 3, dtype=torch.long)
+    return torch.cat(out).to(grid_thw.device)
+
+
+def vision_seq_lengths(grid_thw: torch.Tensor) -> torch.Tensor:
+    """``(n_items,)`` number of patches of each item, ``t * h * w``."""
+    return grid_thw.prod(dim=-1)
+
+
+def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """``(n,) -> (n + 1,)`` int32 cumulative offsets with a leading 0 (the varlen flash-attention format)."""
+    return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))

@@ -1,0 +1,1 @@
+"""Stage 1: masked-autoencoder pretraining of the vision encoder."""
