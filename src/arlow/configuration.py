@@ -176,6 +176,10 @@ class ArlowTextConfig(PreTrainedConfig):
             ``"sliding_attention"`` when the window is on and ``i >= max_window_layers``, unless
             ``layer_types`` is given explicitly.
         tie_word_embeddings: share ``lm_head`` with the input embedding.
+        use_gated_cross_attention: DeepStack additions (multimodal use) are scaled by a learned per-layer
+            ``sigmoid(visual_gates[l])`` (parameter ``visual_gates (num_hidden_layers,)``, initialised to 0, i.e.
+            0.5). The fork's name; there is no cross-attention.
+        gated_cross_attention_start_layer: with gates on, DeepStack additions before this layer are skipped.
     """
 
     model_type = "arlow_text"
@@ -224,6 +228,8 @@ class ArlowTextConfig(PreTrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     tie_word_embeddings: bool = False
+    use_gated_cross_attention: bool = False
+    gated_cross_attention_start_layer: int | None = None
 
     def __post_init__(self, **kwargs):
         kwargs.pop("_mrope_ratio", None)  # written by the fork, derived, never read
@@ -262,6 +268,10 @@ class ArlowTextConfig(PreTrainedConfig):
             ]
         elif "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise ValueError("layer_types has sliding_attention layers but use_sliding_window is False")
+        start = self.gated_cross_attention_start_layer
+        if start is not None and not 0 <= start < self.num_hidden_layers:
+            raise ValueError(f"gated_cross_attention_start_layer={start} is not a layer index in "
+                             f"[0, {self.num_hidden_layers})")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
@@ -305,9 +315,6 @@ class ArlowConfig(PreTrainedConfig):
             -> the last four ids of the vocabulary, in that order. They must be distinct and inside the vocabulary.
         deepstack_text_layers: text layer after which each DeepStack level is added (level k -> entry k).
             ``None`` -> ``[0, 1, ..., K-1]`` (Qwen3-VL's rule). Must have one entry per level, each a valid layer.
-        use_gated_cross_attention: scale each DeepStack addition by a learned per-layer ``sigmoid(gate)``
-            (``visual_gates``, initialised to 0 -> 0.5). (The fork's name; there is no cross-attention.)
-        gated_cross_attention_start_layer: with gates on, DeepStack additions before this text layer are skipped.
         tokens_per_second: if set, video temporal M-RoPE positions follow real time: temporal index ->
             ``round(t * seconds_per_temporal_patch * tokens_per_second)``. ``None`` -> one position per temporal
             patch.
@@ -325,8 +332,6 @@ class ArlowConfig(PreTrainedConfig):
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
     deepstack_text_layers: list[int] | None = None
-    use_gated_cross_attention: bool = False
-    gated_cross_attention_start_layer: int | None = None
     tokens_per_second: float | None = None
     tie_word_embeddings: bool = False
 
@@ -382,8 +387,5 @@ class ArlowConfig(PreTrainedConfig):
                 f"deepstack_text_layers {bad} are not text layers in [0, {text.num_hidden_layers}); no DeepStack "
                 "level is dropped silently"
             )
-        start = self.gated_cross_attention_start_layer
-        if start is not None and not 0 <= start < text.num_hidden_layers:
-            raise ValueError(f"gated_cross_attention_start_layer={start} is not a text layer index")
         if self.tokens_per_second is not None and self.tokens_per_second <= 0:
             raise ValueError("tokens_per_second must be positive or None")
