@@ -9,9 +9,26 @@ from .configuration import ArlowConfig, ArlowTextConfig, ArlowVisionConfig
 
 # Each block below is owned by one module family; keep them in this order (configs -> models -> processors).
 # --- vision encoder ---
+from .modeling.vision import ArlowPreTrainedModel, ArlowVisionModelOutput, ArlowVLVisionModel  # noqa: E402,F401
 # --- text decoder ---
+from .modeling.text import (  # noqa: E402
+    ArlowForCausalLM,
+    ArlowForQuestionAnswering,
+    ArlowForSequenceClassification,
+    ArlowForTokenClassification,
+    ArlowTextModel,
+    ArlowTextPreTrainedModel,
+)
 # --- multimodal model ---
+from .modeling.multimodal import ArlowForConditionalGeneration, ArlowModel  # noqa: E402,F401
 # --- processors ---
+from .processing import (  # noqa: E402
+    ArlowImageProcessor,
+    ArlowProcessor,
+    ArlowTokenizerFast,
+    ArlowVideoProcessor,
+    load_default_tokenizer,
+)
 
 from . import auto as _auto  # noqa: E402  (registration needs the classes above)
 

@@ -170,6 +170,8 @@ class ArlowTextConfig(PreTrainedConfig):
             ``rope_theta``); the legacy ``rope_theta``/``rope_scaling`` keys are converted.
         mrope_sections: channels of each head given to the (t, h, w) axes of multimodal 3-D positions.
         attention_bias: biases on q/k/v projections (o_proj never has one).
+        use_qk_norm: RMSNorm over each query/key head (weights ``q_norm``/``k_norm`` of shape ``(head_dim,)``)
+            before RoPE, as in Qwen3. Off in the fork's architecture.
         attention_dropout, resid_dropout, mlp_dropout: dropout on attention weights, on each residual branch,
             and inside the MLP.
         use_sliding_window, sliding_window, max_window_layers, layer_types: layer ``i`` is
@@ -217,6 +219,7 @@ class ArlowTextConfig(PreTrainedConfig):
     rope_parameters: RopeParameters | dict | None = None
     mrope_sections: list[int] | None = None
     attention_bias: bool = False
+    use_qk_norm: bool = False
     attention_dropout: float = 0.0
     resid_dropout: float = 0.0
     mlp_dropout: float = 0.0

@@ -117,3 +117,85 @@ def vision_seq_lengths(grid_thw: torch.Tensor) -> torch.Tensor:
 def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     """``(n,) -> (n + 1,)`` int32 cumulative offsets with a leading 0 (the varlen flash-attention format)."""
     return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def get_rope_index(
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+    second_per_grid_ts: torch.Tensor | None = None,
+    tokens_per_second: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D (t, h, w) language-model positions for a batch with image/video placeholder runs (M-RoPE).
+
+    Text tokens advance all three axes together. A run of ``t * h * w / s**2`` placeholder tokens (one item, in
+    the order items appear, images and videos counted separately across the batch) gets
+    ``start + (ti', hi, wi)`` over its merged grid ``(t, h / s, w / s)`` in raster order, where ``start`` is the
+    position the next text token would have had; text after the item continues from the item's largest
+    position + 1. For videos with ``second_per_grid_ts`` and ``tokens_per_second``, the temporal index follows real
+    time: ``ti' = floor(ti * second_per_grid_ts[v] * tokens_per_second)``; otherwise ``ti' = ti``.
+    Padding (``attention_mask == 0``) gets position 1 and is skipped.
+
+    Args:
+        input_ids: ``(B, S)``.
+        image_grid_thw, video_grid_thw: ``(n_images, 3)`` / ``(n_videos, 3)`` patch-unit grids, in order.
+        attention_mask: ``(B, S)`` 1 for real tokens (left or right padding).
+    Returns:
+        ``position_ids (3, B, S)`` int64 and ``rope_deltas (B, 1)``: ``max position + 1 - S``, so that a token
+        decoded at sequence index ``S + k`` sits at position ``S + k + delta``.
+    Raises:
+        ValueError: a placeholder run whose length does not match its grid, or more runs than grids.
+    """
+    B, S = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    positions = torch.ones(3, B, S, dtype=torch.long, device=device)
+    deltas = torch.zeros(B, 1, dtype=torch.long, device=device)
+    grids = {image_token_id: image_grid_thw, video_token_id: video_grid_thw}
+    used = {image_token_id: 0, video_token_id: 0}
+    s = spatial_merge_size
+    for b in range(B):
+        keep = attention_mask[b].bool()
+        ids = input_ids[b][keep].tolist()
+        row = torch.empty(3, len(ids), dtype=torch.long)
+        i, nxt = 0, 0
+        while i < len(ids):
+            tok = ids[i]
+            if tok not in grids:
+                row[:, i] = nxt
+                nxt += 1
+                i += 1
+                continue
+            j = i
+            while j < len(ids) and ids[j] == tok:
+                j += 1
+            kind = "image" if tok == image_token_id else "video"
+            grid = grids[tok]
+            k = used[tok]
+            if grid is None or k >= len(grid):
+                raise ValueError(f"found more {kind} placeholder runs than {kind} grids "
+                                 f"({0 if grid is None else len(grid)} given)")
+            t, h, w = (int(v) for v in grid[k])
+            hh, ww = h // s, w // s
+            if j - i != t * hh * ww:
+                raise ValueError(f"{kind} {k}: a run of {j - i} placeholder tokens but its grid {[t, h, w]} needs "
+                                 f"t*h*w/{s * s} = {t * hh * ww}; the processor must expand each placeholder")
+            ti = torch.arange(t).view(t, 1, 1).expand(t, hh, ww)
+            if kind == "video" and second_per_grid_ts is not None and tokens_per_second is not None:
+                ti = (ti.float() * float(second_per_grid_ts[k]) * tokens_per_second).long()
+            hi = torch.arange(hh).view(1, hh, 1).expand(t, hh, ww)
+            wi = torch.arange(ww).view(1, 1, ww).expand(t, hh, ww)
+            block = torch.stack([ti, hi, wi]).reshape(3, -1) + nxt
+            row[:, i:j] = block
+            nxt = int(block.max()) + 1
+            used[tok] += 1
+            i = j
+        positions[:, b, keep] = row.to(device)
+        deltas[b, 0] = (nxt if len(ids) else 0) - S
+    return positions, deltas

@@ -1,0 +1,175 @@
+"""Frozen features of a vision encoder: which encoder (:func:`load_encoder`) and what it sees (:func:`extract_features`).
+
+An image is shown to the encoder exactly as the pretraining pipeline shows an un-augmented image: the largest
+centred square, resized (bicubic) to ``resolution x resolution``, rescaled to [0, 1], normalised with the image
+processor's mean/std (0.5 / 0.5), repeated to the temporal patch size and patchified in merge-window order. Its
+feature is the mean of its merged output tokens ``(hidden_size,)``; with ``deepstack=True`` the means of the
+DeepStack levels are appended, ``(hidden_size * (1 + levels),)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..configuration import ArlowVisionConfig
+from ..modeling.vision import ArlowVLVisionModel
+from ..pretrain.augment import center_crop_box, crop_frames, frames_to_tensor
+from ..pretrain.clips import UnreadableMediaError
+from ..pretrain.data import image_normalisation
+from ..processing.patches import pad_frames, patchify
+from .datasets import LabelledImages
+
+__all__ = ["load_encoder", "random_encoder", "image_rows", "extract_features", "Features"]
+
+logger = logging.getLogger("arlow.evaluation")
+
+
+def load_encoder(path) -> tuple[ArlowVLVisionModel, str]:
+    """An exported encoder, in eval mode, and the folder it came from.
+
+    ``path`` may be an encoder folder (``config.json`` with ``model_type: arlow_vision`` + weights, as written by
+    ``ArlowVLVisionModel.save_pretrained``) or a pretraining checkpoint ``checkpoint-N/`` (its ``vision_encoder/``).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"encoder {path} is not a directory: give an exported vision_encoder/ folder, a pretraining "
+                         f"checkpoint-N/ folder, or use --random-init")
+    folder = path / "vision_encoder" if (path / "vision_encoder" / "config.json").is_file() else path
+    config_file = folder / "config.json"
+    model_type = None
+    if config_file.is_file():
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            model_type = "<unreadable config.json>"
+    weights = list(folder.glob("*.safetensors")) + list(folder.glob("pytorch_model*.bin"))
+    if model_type != ArlowVisionConfig.model_type or not weights:
+        found = sorted(p.name for p in path.iterdir())[:12]
+        raise ValueError(
+            f"{path} is not a vision encoder: expected a folder with config.json (model_type "
+            f"'{ArlowVisionConfig.model_type}') and model.safetensors, as in an export's vision_encoder/, or a "
+            f"pretraining checkpoint-N/ that contains vision_encoder/ (found model_type {model_type!r}, files {found})"
+        )
+    return ArlowVLVisionModel.from_pretrained(folder).eval(), str(folder)
+
+
+def random_encoder(spec, seed: int = 0) -> tuple[ArlowVLVisionModel, str]:
+    """A randomly initialised encoder (eval mode) of the architecture ``spec`` names, and a description.
+
+    ``spec``: a JSON config file (an ``arlow_vision`` config, or an ``arlow`` / ``arlow_mae`` config whose
+    ``vision_config`` is used) or a pretraining recipe (a shipped name such as ``tiny_demo``, or a YAML file).
+    For a recipe the whole MAE model is built after ``torch.manual_seed(seed)``, exactly as ``arlow pretrain``
+    builds it, so with ``seed`` = the recipe's ``train.seed`` this is the run's encoder before its first step.
+    The global RNG state is restored afterwards.
+    """
+    text = str(spec)
+    state = torch.random.get_rng_state()
+    try:
+        if text.endswith(".json"):
+            if not Path(text).is_file():
+                raise ValueError(f"random-init config {text} does not exist")
+            values = json.loads(Path(text).read_text())
+            if values.get("model_type") in ("arlow", "arlow_mae") or "vision_config" in values:
+                values = dict(values.get("vision_config") or {})
+            values.pop("model_type", None)
+            config = ArlowVisionConfig.from_dict(values)
+            torch.manual_seed(seed)
+            encoder = ArlowVLVisionModel(config)
+        else:
+            from ..pretrain.run import build_model, load_recipe
+
+            tree = load_recipe(text)
+            torch.manual_seed(seed)
+            encoder = build_model(tree.get("model")).encoder
+    finally:
+        torch.random.set_rng_state(state)
+    return encoder.eval(), f"random init of {text} (seed {seed})"
+
+
+def image_rows(image, config: ArlowVisionConfig, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One RGB PIL image -> ``(rows (t*h*w, C*Tp*P*P), grid (3,))`` as the un-augmented pretraining view."""
+    mean, std = image_normalisation()
+    frames = crop_frames([image], center_crop_box(*image.size), resolution, flip=False)
+    pixels = frames_to_tensor(frames, mean, std)  # (1, 3, R, R)
+    return patchify(pad_frames(pixels, config.temporal_patch_size), config.patch_size, config.temporal_patch_size,
+                    config.spatial_merge_size)
+
+
+@dataclass
+class Features:
+    """``features (n_kept, D)`` float32 for the readable items at ``kept`` (positions in the dataset);
+    ``skipped``: ``(name, reason)`` of the unreadable ones."""
+
+    features: torch.Tensor
+    kept: np.ndarray
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def check_resolution(resolution: int, config: ArlowVisionConfig) -> None:
+    factor = config.patch_size * config.spatial_merge_size
+    if resolution < factor or resolution % factor:
+        lower = max(factor, resolution // factor * factor)
+        raise ValueError(f"resolution must be a positive multiple of patch_size*spatial_merge_size = {factor}; got "
+                         f"{resolution}, try {lower} or {lower + factor}")
+
+
+@torch.no_grad()
+def extract_features(encoder: ArlowVLVisionModel, images: LabelledImages, resolution: int, batch_size: int = 64,
+                     deepstack: bool = False, progress: bool = True, desc: str = "features") -> Features:
+    """Mean-pooled merged tokens of every readable image (see the module docstring), ``batch_size`` images per
+    encoder call. Unreadable images are skipped, counted and logged; ``ValueError`` if none is readable."""
+    from tqdm.auto import tqdm
+
+    config = encoder.config
+    check_resolution(resolution, config)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if deepstack and not config.deepstack_visual_indexes:
+        raise ValueError("deepstack=True but this encoder has no DeepStack levels (deepstack_visual_indexes is empty)")
+    device = next(encoder.parameters()).device
+    dtype = encoder.get_dtype()
+    chunks, kept, skipped = [], [], []
+    pending_rows, pending_grids = [], []
+
+    def flush():
+        rows = torch.cat(pending_rows).to(device=device, dtype=dtype)
+        grids = torch.stack(pending_grids)
+        out = encoder(pixel_values=rows, grid_thw=grids)
+        n = len(pending_grids)
+        levels = [out.last_hidden_state] + (list(out.deepstack_features) if deepstack else [])
+        # every image has the same grid, so its tokens are one contiguous, equal-length run
+        chunks.append(torch.cat([level.float().view(n, -1, level.shape[-1]).mean(dim=1) for level in levels], dim=1))
+        pending_rows.clear()
+        pending_grids.clear()
+
+    bar = tqdm(range(len(images)), desc=desc, unit="img", disable=not progress, leave=False)
+    for position in bar:
+        index = int(images.indices[position])
+        try:
+            image = images.source.load(index)
+        except UnreadableMediaError as error:
+            skipped.append((images.source.name(index), str(error)))
+            bar.set_postfix(skipped=len(skipped))
+            continue
+        rows, grid = image_rows(image, config, resolution)
+        pending_rows.append(rows)
+        pending_grids.append(grid)
+        kept.append(position)
+        if len(pending_grids) == batch_size:
+            flush()
+    if pending_grids:
+        flush()
+    bar.close()
+    if skipped:
+        logger.warning("%s: skipped %d unreadable image(s) of %d (first: %s: %s)", images.where, len(skipped),
+                       len(images), skipped[0][0], skipped[0][1])
+    if not kept:
+        shown = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
+        raise ValueError(f"{images.where}: none of the {len(images)} images could be read ({shown})")
+    return Features(torch.cat(chunks), np.asarray(kept, dtype=np.int64), skipped)

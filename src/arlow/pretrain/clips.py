@@ -1,0 +1,173 @@
+"""Clips of N frames out of video files, decoded with PyAV.
+
+``clip_indices`` chooses which frames (a pure function of the video's length and fps and the random draw);
+``read_frames`` decodes exactly those frames, seeking close to the first one so a clip near the end of a long
+video does not decode the whole file (video decoding is the usual bottleneck of video MAE).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import av
+import numpy as np
+from PIL import Image
+
+__all__ = ["UnreadableMediaError", "VideoInfo", "probe_video", "clip_indices", "read_frames", "read_clip"]
+
+
+class UnreadableMediaError(ValueError):
+    """A file that cannot be decoded (corrupt, truncated, empty, no video stream ...); the message says why."""
+
+
+class VideoInfo(tuple):
+    """``(num_frames, fps)`` of a video stream, as its container reports them (or estimates from the duration)."""
+
+    __slots__ = ()
+
+    def __new__(cls, num_frames: int, fps: float):
+        return super().__new__(cls, (num_frames, fps))
+
+    @property
+    def num_frames(self) -> int:
+        return self[0]
+
+    @property
+    def fps(self) -> float:
+        return self[1]
+
+
+def _stream_info(container, path: str) -> VideoInfo:
+    if not container.streams.video:
+        raise UnreadableMediaError(f"{path} has no video stream")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    fps = float(rate) if rate else 0.0
+    if fps <= 0:
+        raise UnreadableMediaError(f"{path}: the video stream reports no frame rate")
+    frames = stream.frames
+    if frames <= 0:  # some containers (avi, webm) do not store a count: estimate it from the duration
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration:
+            seconds = container.duration / av.time_base
+        else:
+            seconds = 0.0
+        frames = int(round(seconds * fps))
+    if frames <= 0:
+        raise UnreadableMediaError(f"{path}: the video has no frames (or reports neither a count nor a duration)")
+    return VideoInfo(frames, fps)
+
+
+def probe_video(path: str) -> VideoInfo:
+    """Frame count and fps of the first video stream of ``path`` (header only, nothing decoded)."""
+    with _open(path) as container:
+        return _stream_info(container, str(path))
+
+
+def clip_indices(total_frames: int, video_fps: float, num_frames: int, *, stride: int | None = None,
+                 fps: float | None = None, rng: np.random.Generator | None = None) -> list[int]:
+    """Indices of ``num_frames`` frames ``stride`` frames apart (or ``1/fps`` seconds apart), at a random start.
+
+    Exactly one of ``stride`` / ``fps`` is given. The start is uniform over the positions where the whole clip
+    fits (``rng``), or centred when ``rng`` is None. A video too short for the clip is spread evenly over its
+    whole length instead (the step shrinks; with fewer frames than ``num_frames`` some frames repeat), so every
+    clip has the same number of frames and the same cost in patches.
+    """
+    if (stride is None) == (fps is None):
+        raise ValueError("give exactly one of stride (frames between samples) or fps (samples per second)")
+    if num_frames < 1 or total_frames < 1:
+        raise ValueError(f"need num_frames >= 1 and a non-empty video, got {num_frames} of {total_frames}")
+    if stride is not None and stride < 1:
+        raise ValueError(f"frame stride must be >= 1, got {stride}")
+    if fps is not None and fps <= 0:
+        raise ValueError(f"clip fps must be positive, got {fps}")
+    step = float(stride) if stride is not None else video_fps / fps
+    last = total_frames - 1
+    span = step * (num_frames - 1)
+    if span > last:
+        step = last / (num_frames - 1) if num_frames > 1 else 0.0
+        start = 0.0
+    elif stride is not None:  # integer start keeps the samples exactly `stride` frames apart
+        room = int(last - span)
+        start = float(rng.integers(0, room + 1)) if rng is not None else float(room // 2)
+    else:
+        room = last - span
+        start = float(rng.uniform(0.0, room)) if rng is not None else room / 2
+    return [min(last, int(math.floor(start + j * step + 0.5))) for j in range(num_frames)]
+
+
+def read_frames(path: str, indices: Sequence[int], seek: bool = True) -> list[Image.Image]:
+    """Decode the frames at ``indices`` (any order, repeats allowed) as RGB PIL images.
+
+    A frame's index is its presentation time times the fps, so seeking is exact for constant-frame-rate video;
+    a wanted index is served by the first frame at or after it. If the stream ends a couple of frames early
+    (containers often over-count by one or two) the last frame stands in; a stream that ends well before the
+    wanted frames is a truncated file and raises ``UnreadableMediaError``. ``seek=False`` decodes from the start
+    (for containers whose seeking misbehaves).
+    """
+    with _open(path) as container:
+        return _decode(container, str(path), indices, _stream_info(container, str(path)), seek)
+
+
+def read_clip(path: str, num_frames: int, *, stride: int | None = None, fps: float | None = None,
+              rng: np.random.Generator | None = None) -> tuple[list[Image.Image], list[int]]:
+    """``num_frames`` RGB frames of ``path`` (see :func:`clip_indices`) and the source frame indices used."""
+    with _open(path) as container:
+        info = _stream_info(container, str(path))
+        indices = clip_indices(info.num_frames, info.fps, num_frames, stride=stride, fps=fps, rng=rng)
+        return _decode(container, str(path), indices, info), indices
+
+
+def _open(path):
+    try:
+        return av.open(str(path))
+    except Exception as error:  # FFmpeg errors, OSError, ...: the file cannot be opened
+        raise UnreadableMediaError(f"cannot open video {path}: {type(error).__name__}: {error}") from error
+
+
+def _decode(container, path: str, indices: Sequence[int], info: VideoInfo, seek: bool = True
+            ) -> list[Image.Image]:
+    wanted = sorted(set(int(i) for i in indices))
+    if not wanted:
+        raise ValueError("no frame indices to read")
+    stream = container.streams.video[0]
+    time_base = float(stream.time_base) if stream.time_base else None
+    origin = stream.start_time or 0
+    got: dict[int, Image.Image] = {}
+    last_index, last_frame = -1, None
+    try:
+        if seek and time_base and wanted[0] > 2 * info.fps:  # land on the keyframe at or before the first frame
+            target = origin + int((wanted[0] - 0.5) / info.fps / time_base)
+            container.seek(max(origin, target), stream=stream, backward=True, any_frame=False)
+        pointer = 0
+        for counter, frame in enumerate(container.decode(stream)):
+            if frame.pts is not None and time_base:
+                index = int(math.floor((frame.pts - origin) * time_base * info.fps + 0.5))
+            else:
+                index = counter
+            if wanted[pointer] <= index:
+                image = frame.to_image()
+                while pointer < len(wanted) and wanted[pointer] <= index:
+                    got[wanted[pointer]] = image
+                    pointer += 1
+            last_index, last_frame = index, frame
+            if pointer == len(wanted):
+                break
+    except Exception as error:  # corrupt packets, decoder errors
+        raise UnreadableMediaError(f"error decoding video {path}: {type(error).__name__}: {error}") from error
+    missing = [i for i in wanted if i not in got]
+    if missing:
+        if last_frame is None:
+            raise UnreadableMediaError(f"video {path}: no frame could be decoded")
+        slack = max(2, int(0.02 * info.num_frames))
+        if missing[-1] - last_index > slack:
+            raise UnreadableMediaError(
+                f"video {path} is truncated: decoding stopped at frame {last_index} but frame {missing[0]} of "
+                f"{info.num_frames} (from the header) was needed"
+            )
+        filler = last_frame.to_image()
+        for i in missing:
+            got[i] = filler
+    return [got[int(i)] for i in indices]

@@ -1,0 +1,528 @@
+"""The training loop: accelerate + AdamW + warmup-cosine + accumulation + clipping + non-finite guard + atomic
+checkpoints with exact resume. It knows no model: anything whose ``model(**batch).loss`` is a scalar trains.
+
+One optimizer step ("step") consumes ``gradient_accumulation_steps`` micro-batches from ``data`` on every
+process. A step whose loss is non-finite on any process is skipped everywhere: no update, gradients dropped, the
+remaining micro-batches of that step consumed unseen, the lr schedule still advances (a step is a position in
+the schedule and in the data, applied or not).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from .checkpoint import (
+    list_checkpoints,
+    prune_checkpoints,
+    read_trainer_state,
+    remove_stale_temporaries,
+    resolve_resume,
+    save_atomically,
+    write_trainer_state,
+)
+from .config import TrainConfig
+from .distributed import COMPUTE_DTYPE, build_accelerator
+from .logs import RunLogger
+from .mfu import measure_matmul_peak, model_flops_utilisation
+from .optim import WarmupCosine, build_optimizer, build_param_groups, build_scheduler
+
+COUNT_KEYS = ("num_tokens", "num_samples")  # batch keys that feed throughput and are not model inputs
+SCHEDULER_FILE = "scheduler.pt"
+DATA_STATE_FILE = "data_state_{rank}.pt"
+MODEL_FILE = "model.safetensors"
+DEEPSPEED_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's own checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when ``max_consecutive_nonfinite`` steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class _StepResult:
+    loss: float | None = None  # mean micro-batch loss over all processes (None when the step was skipped)
+    grad_norm: float | None = None  # global pre-clip norm of an applied step
+    lr: float = 0.0
+    nonfinite: bool = False
+    overflow: bool = False  # fp16 loss-scaler skip
+    tokens: float = 0.0
+    samples: float = 0.0
+    flops: float = 0.0
+    has_tokens: bool = False
+    has_samples: bool = False
+
+
+@dataclass
+class _Interval:
+    """Sums since the previous log record."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    norm_sum: float = 0.0
+    norm_count: int = 0
+    tokens: float = 0.0
+    samples: float = 0.0
+    flops: float = 0.0
+    has_tokens: bool = False
+    has_samples: bool = False
+    start: float = 0.0
+    paused: float = 0.0  # checkpoint time, kept out of throughput
+
+
+class Trainer:
+    """Train ``model`` on ``data`` as ``config`` says.
+
+    Args:
+        config: a :class:`TrainConfig`.
+        model: an ``nn.Module``; ``model(**inputs)`` returns an object or dict with a scalar ``loss``.
+        data: an iterable of micro-batches (dicts of tensors, optionally ``num_tokens``/``num_samples`` ints and
+            other pass-through keys) that also has ``state_dict()``/``load_state_dict(state)`` for its position,
+            already sharded for this process (see :func:`arlow.training.distributed.rank_and_world`). When an
+            iterator is exhausted, ``iter(data)`` is called again (the next epoch).
+        param_groups: optional ``[{"params": [...], "lr": ..., "weight_decay": ...}, ...]``; 1-D parameters of
+            each group get weight decay 0 (see :func:`arlow.training.optim.build_param_groups`).
+        flops_per_batch: optional ``callable(batch) -> float``, the model FLOPs of forward + backward on one
+            micro-batch, for MFU.
+        on_checkpoint: optional ``callable(checkpoint_dir, unwrapped_model)``, run on the main process after each
+            checkpoint is in place (under ZeRO-3 read weights from ``checkpoint_dir/model.safetensors``).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: torch.nn.Module,
+        data: Iterable[Mapping[str, Any]],
+        *,
+        param_groups: list[dict[str, Any]] | None = None,
+        flops_per_batch: Callable[[Mapping[str, Any]], float] | None = None,
+        on_checkpoint: Callable[[Path, torch.nn.Module], None] | None = None,
+    ):
+        if not isinstance(config, TrainConfig):
+            raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_data(data)
+        self.config = config
+        self.data = data
+        self.flops_per_batch = flops_per_batch
+        self.on_checkpoint = on_checkpoint
+
+        from accelerate.utils import DistributedType, set_seed
+
+        self.accelerator = build_accelerator(config, model)
+        acc = self.accelerator
+        self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self._is_fsdp = acc.distributed_type == DistributedType.FSDP
+        set_seed(config.seed + acc.process_index)
+
+        groups = build_param_groups(model, config.learning_rate, config.weight_decay, param_groups)
+        # Hyperparameters as the config defines them; re-applied after a resume so that the config wins.
+        self._group_hparams = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        self._torch_optimizer = build_optimizer(groups, config.learning_rate, config.betas, config.adam_eps)
+        self.scheduler = build_scheduler(self._torch_optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        self.model, self.optimizer = acc.prepare(model, self._torch_optimizer)
+
+        self._input_dtype = COMPUTE_DTYPE[config.precision] if self.is_deepspeed and config.precision != "fp32" else None
+        self.step = 0
+        self.nonfinite_skipped = 0
+        self.overflow_skipped = 0
+        self.consecutive_nonfinite = 0
+        self.last_loss: float | None = None
+        self.elapsed = 0.0
+        self.last_checkpoint: Path | None = None
+        self.resumed_from: Path | None = None
+        self._iterator = None
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        """Run until ``max_steps``; returns a summary dict (step, loss, nonfinite_skipped, overflow_skipped,
+        elapsed, last_checkpoint, resumed_from, log_file). Raises :class:`NonFiniteLossError` on persistent NaN/inf."""
+        cfg, acc = self.config, self.accelerator
+        output_dir = Path(cfg.output_dir)
+        if acc.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(output_dir)
+        acc.wait_for_everyone()
+        resume_from = resolve_resume(output_dir, cfg.resume)
+        if resume_from is not None:
+            self._load(resume_from)
+        elif cfg.resume is None and list_checkpoints(output_dir):
+            # A fresh run would interleave its checkpoints with another run's (and keep_last could prune its own).
+            raise ValueError(
+                f"{output_dir} already holds checkpoints {[p.name for _, p in list_checkpoints(output_dir)]} of an "
+                "earlier run; continue it with resume='latest', or use another output_dir (or delete them)."
+            )
+        peak = self._peak_flops() if self.flops_per_batch is not None else None
+
+        logger = RunLogger(
+            output_dir,
+            enabled=acc.is_main_process,
+            tensorboard=cfg.tensorboard,
+            progress_bar=cfg.progress_bar,
+            total_steps=cfg.max_steps,
+            initial_step=self.step,
+        )
+        self._iterator = iter(self.data)
+        self.model.train()
+        started = time.perf_counter()
+        elapsed_before = self.elapsed
+        interval = _Interval(start=started)
+        try:
+            while self.step < cfg.max_steps:
+                result = self._train_step()
+                with warnings.catch_warnings():
+                    # Steps skipped as non-finite never call optimizer.step(); the schedule still advances by design.
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    self.scheduler.step()
+                self.step += 1
+                self.elapsed = elapsed_before + time.perf_counter() - started
+                self._count(result, interval)
+                logger.advance()
+                stop = self.consecutive_nonfinite >= cfg.max_consecutive_nonfinite
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stop:
+                    logger.log(self._record(interval, result, peak))
+                    interval = _Interval(start=time.perf_counter())
+                if stop:
+                    raise NonFiniteLossError(self._nonfinite_message())
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+                    t0 = time.perf_counter()
+                    self.save_checkpoint()
+                    interval.paused += time.perf_counter() - t0
+        finally:
+            logger.close()
+        return {
+            "step": self.step,
+            "loss": self.last_loss,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "overflow_skipped": self.overflow_skipped,
+            "elapsed": self.elapsed,
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "log_file": str(logger.path),
+        }
+
+    def _train_step(self) -> _StepResult:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        cfg, acc = self.config, self.accelerator
+        k = cfg.gradient_accumulation_steps
+        result = _StepResult(lr=float(self.scheduler.get_last_lr()[0]))
+        engine = acc.deepspeed_engine_wrapped.engine if self.is_deepspeed else None
+        skipped_before = engine.skipped_steps if engine is not None else 0
+        losses: list[float] = []
+        bad = False
+        for j in range(k):
+            batch = self._next_batch()
+            if bad:
+                continue  # this step is lost already: consume its data so every process stays aligned, skip compute
+            inputs = self._account(batch, result)
+            last = j == k - 1
+            acc.sync_gradients = last
+            with nullcontext() if last else acc.no_sync(self.model):
+                loss = _loss_of(self.model(**inputs))
+                # One scalar all-reduce: every process learns whether any process saw NaN/inf (NaN survives a mean).
+                mean_loss = acc.reduce(loss.detach().float().reshape(1).clone(), "mean").item()
+                if math.isfinite(mean_loss):
+                    losses.append(mean_loss)
+                    acc.backward(loss)
+                    continue
+            bad = True
+            if engine is not None:
+                # DeepSpeed steps inside the boundary backward; NaN gradients make its overflow check skip the step
+                # and clear its accumulation buffers on every rank (ZeRO 1-3, any precision).
+                acc.sync_gradients = True
+                acc.backward(loss * float("nan"))
+        acc.sync_gradients = True
+
+        if bad:
+            result.nonfinite = True
+            if engine is None:
+                self.optimizer.zero_grad(set_to_none=True)
+            elif engine.skipped_steps == skipped_before:
+                raise RuntimeError(
+                    "DeepSpeed applied an optimizer step with non-finite gradients, so the weights are no longer "
+                    "finite. Use ZeRO stage >= 1 and keep bf16.check_grad_overflow true in the DeepSpeed config."
+                )
+            return result
+
+        result.loss = sum(losses) / len(losses)
+        if engine is not None:
+            norm = engine.get_global_grad_norm()
+            if engine.skipped_steps != skipped_before:
+                if self.config.precision == "fp16":
+                    result.overflow = True
+                else:
+                    result.nonfinite = True
+            elif norm is not None:
+                result.grad_norm = float(norm)
+            return result
+
+        max_norm = cfg.clip_norm if cfg.clip_norm is not None else math.inf
+        norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not math.isfinite(norm) and cfg.precision != "fp16":
+            # Finite loss but inf/NaN gradient (fp32/bf16): same treatment as a non-finite loss.
+            result.nonfinite = True
+        else:
+            self.optimizer.step()
+            if self.optimizer.step_was_skipped:
+                result.overflow = True  # fp16: the scaler found inf/NaN, lowered the scale and skipped
+            else:
+                result.grad_norm = norm
+        self.optimizer.zero_grad(set_to_none=True)
+        return result
+
+    def _next_batch(self) -> Mapping[str, Any]:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            pass
+        self._iterator = iter(self.data)  # next epoch
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise ValueError("data yielded no micro-batches: a fresh iter(data) was empty") from None
+
+    def _account(self, batch: Mapping[str, Any], result: _StepResult) -> dict[str, Any]:
+        """Add the batch's counts/FLOPs to ``result``; return the model inputs on the training device."""
+        if not isinstance(batch, Mapping):
+            raise ValueError(f"each micro-batch must be a dict of model inputs, got {type(batch).__name__}")
+        from accelerate.utils import send_to_device
+
+        if "num_tokens" in batch:
+            result.tokens += float(batch["num_tokens"])
+            result.has_tokens = True
+        if "num_samples" in batch:
+            result.samples += float(batch["num_samples"])
+            result.has_samples = True
+        if self.flops_per_batch is not None:
+            result.flops += float(self.flops_per_batch(batch))
+        inputs = {key: value for key, value in batch.items() if key not in COUNT_KEYS}
+        inputs = send_to_device(inputs, self.accelerator.device)
+        if self._input_dtype is not None:
+            # DeepSpeed bf16/fp16 holds the model itself in low precision (no autocast): float inputs must match.
+            inputs = {
+                k: v.to(self._input_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in inputs.items()
+            }
+        return inputs
+
+    # ------------------------------------------------------------------ bookkeeping and logs
+
+    def _count(self, result: _StepResult, interval: _Interval) -> None:
+        interval.steps += 1
+        interval.tokens += result.tokens
+        interval.samples += result.samples
+        interval.flops += result.flops
+        interval.has_tokens |= result.has_tokens
+        interval.has_samples |= result.has_samples
+        if result.nonfinite:
+            self.nonfinite_skipped += 1
+            self.consecutive_nonfinite += 1
+            return
+        self.consecutive_nonfinite = 0
+        if result.loss is not None:
+            self.last_loss = result.loss
+            interval.loss_sum += result.loss
+            interval.loss_count += 1
+        if result.overflow:
+            self.overflow_skipped += 1
+        elif result.grad_norm is not None:
+            interval.norm_sum += result.grad_norm
+            interval.norm_count += 1
+
+    def _record(self, interval: _Interval, result: _StepResult, peak: float | None) -> dict[str, Any]:
+        acc = self.accelerator
+        seconds = max(time.perf_counter() - interval.start - interval.paused, 1e-9)
+        totals = torch.tensor(
+            [interval.tokens, interval.samples, interval.flops, float(interval.has_tokens), float(interval.has_samples)],
+            dtype=torch.float64,
+            device=acc.device,
+        )
+        tokens, samples, flops, has_tokens, has_samples = acc.reduce(totals, "sum").tolist()
+        mfu = None
+        if peak is not None and flops > 0:
+            mfu = model_flops_utilisation(flops, seconds, peak * acc.num_processes)
+        return {
+            "step": self.step,
+            "loss": interval.loss_sum / interval.loss_count if interval.loss_count else None,
+            "lr": result.lr,
+            "grad_norm": interval.norm_sum / interval.norm_count if interval.norm_count else None,
+            "loss_scale": self._loss_scale(),
+            "tokens_per_s": tokens / seconds if has_tokens else None,
+            "samples_per_s": samples / seconds if has_samples else None,
+            "mfu": mfu,
+            "step_time": seconds / max(interval.steps, 1),
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "overflow_skipped": self.overflow_skipped,
+            "elapsed": self.elapsed,
+        }
+
+    def _loss_scale(self) -> float | None:
+        if self.config.precision != "fp16":
+            return None
+        if self.is_deepspeed:
+            ds_optimizer = self.accelerator.deepspeed_engine_wrapped.engine.optimizer
+            scale = getattr(ds_optimizer, "loss_scale", getattr(ds_optimizer, "cur_scale", None))
+            return float(scale) if scale is not None else None
+        scaler = self.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None else None
+
+    def _peak_flops(self) -> float:
+        if self.config.peak_flops is not None:
+            return self.config.peak_flops
+        return measure_matmul_peak(COMPUTE_DTYPE[self.config.precision], self.accelerator.device)
+
+    def _nonfinite_message(self) -> str:
+        n = self.consecutive_nonfinite
+        last = f"{self.last_checkpoint}" if self.last_checkpoint else "none written yet"
+        return (
+            f"training stopped at step {self.step}: the loss or gradient was non-finite (NaN/inf) for {n} consecutive "
+            f"steps ({self.step - n + 1}..{self.step}); none of them changed the weights and no checkpoint holds "
+            f"them. Last checkpoint: {last}. Usual cures: lower learning_rate, keep max_grad_norm set, use "
+            f"precision='fp32' or 'bf16' instead of fp16, or inspect the micro-batches of those steps; then restart "
+            f"with resume='latest'. (max_consecutive_nonfinite={self.config.max_consecutive_nonfinite})"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write ``output_dir/checkpoint-{step}`` atomically (all processes must call this), run the
+        ``on_checkpoint`` hook, prune old checkpoints. Refuses to save non-finite weights."""
+        from accelerate.utils import save as save_weights
+
+        acc, cfg = self.accelerator, self.config
+        self._check_finite_weights()
+
+        def write(tmp: Path) -> None:
+            acc.save_state(str(tmp), safe_serialization=True)
+            torch.save(self.data.state_dict(), tmp / DATA_STATE_FILE.format(rank=acc.process_index))
+            if self._is_fsdp:
+                # FSDP saves shards; also publish the full weights (a collective, so on every process).
+                full = acc.get_state_dict(self.model)
+                if full is not None:
+                    save_weights(OrderedDict(full), tmp / MODEL_FILE, safe_serialization=True)
+
+        def finalize(tmp: Path) -> None:
+            if self.is_deepspeed:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                # The fp32 master weights from the ZeRO partitions just written (the module itself may be bf16/fp16).
+                # Its tensors are views of one flat buffer: copy them, or safetensors' shared-storage cleanup would
+                # keep only one of them.
+                full = get_fp32_state_dict_from_zero_checkpoint(str(tmp), tag=DEEPSPEED_TAG)
+                full = OrderedDict((name, tensor.clone()) for name, tensor in full.items())
+                save_weights(full, tmp / MODEL_FILE, safe_serialization=True)
+            torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            write_trainer_state(
+                tmp,
+                {
+                    "step": self.step,
+                    "nonfinite_skipped": self.nonfinite_skipped,
+                    "overflow_skipped": self.overflow_skipped,
+                    "consecutive_nonfinite": self.consecutive_nonfinite,
+                    "last_loss": self.last_loss,
+                    "elapsed": self.elapsed,
+                    "world_size": acc.num_processes,
+                    "config": cfg.to_dict(),
+                },
+            )
+
+        path = save_atomically(
+            cfg.output_dir, self.step, write, is_main=acc.is_main_process, barrier=acc.wait_for_everyone, finalize=finalize
+        )
+        self.last_checkpoint = path
+        if acc.is_main_process:
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(path, acc.unwrap_model(self.model))
+            prune_checkpoints(cfg.output_dir, cfg.keep_last)
+        acc.wait_for_everyone()
+        return path
+
+    def _check_finite_weights(self) -> None:
+        acc = self.accelerator
+        bad = 0.0
+        for p in self.model.parameters():
+            local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps this rank's shard there
+            if local.numel() and not torch.isfinite(local).all():
+                bad += 1
+        total = acc.reduce(torch.tensor([bad], device=acc.device), "sum").item()
+        if total > 0:
+            raise RuntimeError(
+                f"refusing to write checkpoint-{self.step}: {int(total)} parameter tensor(s) hold NaN/inf. "
+                "The previous checkpoints are untouched; resume from one of them with a lower learning rate."
+            )
+
+    def _load(self, path: Path) -> None:
+        acc, cfg = self.accelerator, self.config
+        state = read_trainer_state(path)
+        if state["world_size"] != acc.num_processes:
+            raise ValueError(
+                f"{path} was written by {state['world_size']} processes but this run has {acc.num_processes}; every "
+                "process restores its own data position and RNG state, so resume with the same number of processes."
+            )
+        saved = state.get("config", {})
+        changed = sorted(k for k, v in cfg.to_dict().items() if k not in ("resume",) and saved.get(k, v) != v)
+        if changed and acc.is_main_process:
+            warnings.warn(f"resuming {path} with changed settings (the new values apply): {', '.join(changed)}")
+        acc.load_state(str(path))
+        self.scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=False))
+        self.data.load_state_dict(torch.load(path / DATA_STATE_FILE.format(rank=acc.process_index), weights_only=False))
+        self.step = int(state["step"])
+        self.nonfinite_skipped = int(state["nonfinite_skipped"])
+        self.overflow_skipped = int(state["overflow_skipped"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        self.last_loss = state["last_loss"]
+        self.elapsed = float(state["elapsed"])
+        self.last_checkpoint = path
+        self.resumed_from = path
+        self._apply_config_hyperparameters()
+
+    def _apply_config_hyperparameters(self) -> None:
+        """After loading optimizer/scheduler state, make the config's lr/betas/eps/decay and schedule length the
+        truth again (a run resumed with a larger max_steps stretches its cosine; an unchanged one is untouched)."""
+        cfg = self.config
+        groups = self._torch_optimizer.param_groups
+        if len(groups) != len(self._group_hparams):
+            raise ValueError(
+                f"the checkpoint's optimizer has {len(groups)} param groups but this model/param_groups gives "
+                f"{len(self._group_hparams)}; resume with the same param_groups"
+            )
+        for group, hparams in zip(groups, self._group_hparams):
+            group.update({k: v for k, v in hparams.items() if k != "lr"})
+            group["betas"] = cfg.betas
+            group["eps"] = cfg.adam_eps
+        sched = self.scheduler
+        sched.lr_lambdas = [WarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio) for _ in groups]
+        sched.base_lrs = [g["initial_lr"] for g in groups]
+        sched.last_epoch = self.step - 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": we only reposition it
+            sched.step()
+
+
+def _check_data(data: Any) -> None:
+    missing = [name for name in ("__iter__", "state_dict", "load_state_dict") if not callable(getattr(data, name, None))]
+    if missing:
+        raise ValueError(
+            f"data must be an iterable of micro-batches with state_dict()/load_state_dict() (its position, for exact "
+            f"resume); {type(data).__name__} lacks {', '.join(missing)}. Wrap it in a class that records how many "
+            "micro-batches were consumed and can continue from there."
+        )
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError("the model must return an object or dict with a `loss` (pass labels/targets in the batch)")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(f"model(**batch).loss must be a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
+    return loss.reshape(())

@@ -1,0 +1,143 @@
+"""MAE model: masking, loss, what the encoder sees, gradients, FLOP accounting."""
+
+import math
+
+import pytest
+import torch
+
+from arlow.pretrain.mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
+from arlow.pretrain.masking import sample_window_mask, window_positions, windows_per_slice
+from arlow.processing.patches import patchify
+
+
+def tiny_config(**kw):
+    vision = dict(depth=6, embed_dim=32, num_heads=2, hidden_size=48, use_deformable_attention=True,
+                  use_progressive_patches=True)
+    vision.update(kw.pop("vision", {}))
+    dec = dict(decoder_hidden_size=32, decoder_num_layers=2, decoder_num_heads=2)
+    dec.update(kw)
+    return ArlowMAEConfig(vision_config=vision, **dec)
+
+
+def batch():
+    """An image 56x84 (2x3 windows) and a 4-frame video 56x56 (t=2, 2x2 windows)."""
+    g = torch.Generator().manual_seed(0)
+    r1, g1 = patchify(torch.randn(2, 3, 56, 84, generator=g), 14, 2, 2)
+    r2, g2 = patchify(torch.randn(4, 3, 56, 56, generator=g), 14, 2, 2)
+    return torch.cat([r1, r2]), torch.stack([g1, g2])
+
+
+def test_mask_ratio_tubes_and_determinism():
+    grid = torch.tensor([[1, 8, 8], [4, 8, 12]])
+    noise = torch.rand(int(windows_per_slice(grid, 2).sum()))
+    m1 = sample_window_mask(grid, 2, 0.75, noise)
+    m2 = sample_window_mask(grid, 2, 0.75, noise.clone())
+    assert torch.equal(m1.masked, m2.masked) and torch.equal(m1.visible_rows, m2.visible_rows)
+    image, video = m1.masked[:16], m1.masked[16:].view(4, 24)
+    assert int((~image).sum()) == 4 and int((~video).sum()) == 4 * 6  # 25% of windows per slice visible
+    assert all(torch.equal(video[0], video[t]) for t in range(4))  # tube masking
+    # the smallest noise scores are the visible windows
+    assert set(torch.nonzero(~image).view(-1).tolist()) == set(torch.argsort(noise[:16])[:4].tolist())
+    assert m1.visible_lengths.tolist() == [16, 96]
+    with pytest.raises(ValueError, match="noise must have shape"):
+        sample_window_mask(grid, 2, 0.75, torch.rand(3))
+    with pytest.raises(ValueError, match="mask_ratio"):
+        sample_window_mask(grid, 2, 1.0)
+
+
+def test_visible_rows_are_whole_windows():
+    grid = torch.tensor([[2, 4, 6]])
+    m = sample_window_mask(grid, 2, 0.5, torch.arange(6.0))
+    rows = m.visible_rows.view(-1, 4)
+    assert torch.equal(rows % 4, torch.arange(4).expand_as(rows))  # each window's 4 rows, in order
+    windows = (rows[:, 0] // 4).tolist()
+    assert windows == [0, 1, 2, 6, 7, 8]  # windows 0..2 visible in both temporal slices
+    assert window_positions(grid, 2)[windows].tolist()[3] == [1, 0, 0]
+
+
+def test_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    model = ArlowMAEForPreTraining(tiny_config()).eval()
+    pv, grid = batch()
+    noise = torch.rand(int(windows_per_slice(grid, 2).sum()))
+    with torch.no_grad():
+        out = model(pv, grid, noise=noise)
+    rows = pv.view(-1, 4, pv.shape[-1])
+    total, count = 0.0, 0
+    for w in range(rows.shape[0]):
+        if not out.mask[w]:
+            continue
+        for p in range(4):
+            x = rows[w, p].double()
+            mean = sum(x.tolist()) / len(x)
+            var = sum((v - mean) ** 2 for v in x.tolist()) / (len(x) - 1)
+            target = (x - mean) / math.sqrt(var + 1e-6)
+            total += float(((out.pred[w, p].double() - target) ** 2).mean())
+            count += 1
+    assert count == 4 * int(out.mask.sum())
+    assert abs(float(out.loss) - total / count) < 1e-5
+
+
+def test_encoder_sees_only_visible_windows():
+    model = ArlowMAEForPreTraining(tiny_config()).eval()
+    pv, grid = batch()
+    noise = torch.rand(int(windows_per_slice(grid, 2).sum()))
+    out = model(pv, grid, noise=noise)
+    masked_rows = out.mask.repeat_interleave(4)
+    changed = pv.clone()
+    changed[masked_rows] = torch.randn_like(changed[masked_rows])
+    out2 = model(changed, grid, noise=noise)
+    assert torch.equal(out.pred, out2.pred)  # predictions never look at hidden pixels
+    assert not torch.allclose(out.loss, out2.loss)  # ...but the target does
+
+
+def test_one_step_moves_every_exported_parameter():
+    model = ArlowMAEForPreTraining(tiny_config())
+    pv, grid = batch()
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(pv, grid).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    opt.step()
+    unchanged = [k for k, v in model.encoder.state_dict().items() if torch.equal(v, before[k])]
+    assert unchanged == []
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = ArlowMAEForPreTraining(tiny_config())
+    pv, grid = batch()
+    noise = torch.rand(int(windows_per_slice(grid, 2).sum()))
+    model(pv, grid, noise=noise).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(pv, grid, noise=noise).loss.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], atol=1e-6), n
+
+
+def test_save_load_round_trip(tmp_path):
+    model = ArlowMAEForPreTraining(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    loaded = ArlowMAEForPreTraining.from_pretrained(tmp_path).eval()
+    pv, grid = batch()
+    noise = torch.rand(int(windows_per_slice(grid, 2).sum()))
+    assert torch.equal(model(pv, grid, noise=noise).pred, loaded(pv, grid, noise=noise).pred)
+
+
+def test_flops_scale_with_visible_fraction():
+    cfg = tiny_config()
+    grid = torch.tensor([[1, 16, 16]])
+    low, high = mae_train_flops(cfg, grid, 0.9), mae_train_flops(cfg, grid, 0.5)
+    assert 0 < low < high
+    assert mae_train_flops(cfg, torch.tensor([[1, 16, 16], [1, 16, 16]])) == pytest.approx(2 * mae_train_flops(cfg, grid))
+
+
+def test_bad_input():
+    model = ArlowMAEForPreTraining(tiny_config())
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        model(torch.zeros(16, 10), torch.tensor([[1, 4, 4]]))
+    with pytest.raises(ValueError, match="must be an even integer"):
+        tiny_config(decoder_num_heads=3)
