@@ -85,19 +85,9 @@ def build_data(data_section: dict, vision_config, seed: int) -> PretrainData:
                         **section)
 
 
-def shipped_deepspeed_config(value):
-    """``zero2``/``zero3`` -> the DeepSpeed JSON shipped in ``arlow/configs/deepspeed/``; paths pass through."""
-    if value in ("zero2", "zero3"):
-        return str(resources.files("arlow") / "configs" / "deepspeed" / f"{value}.json")
-    return value
-
-
 def pretrain(tree: dict) -> dict:
     """Run a recipe tree (see :func:`load_recipe`). Returns the engine's summary."""
-    train_section = dict(tree.get("train") or {})
-    if train_section.get("deepspeed_config"):
-        train_section["deepspeed_config"] = shipped_deepspeed_config(train_section["deepspeed_config"])
-    train_cfg = TrainConfig.from_dict(train_section)
+    train_cfg = TrainConfig.from_dict(dict(tree.get("train") or {}))
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank and on resume
     model = build_model(tree.get("model"))
     data = build_data(tree.get("data"), model.config.vision_config, train_cfg.seed)
