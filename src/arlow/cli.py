@@ -14,6 +14,8 @@ COMMANDS = {
     "reconstruct": ("arlow.pretrain.reconstruct", "MAE reconstruction grid (PNG) for images or videos"),
     "create-model": ("arlow.assemble", "write a model folder: a preset with random weights, or encoder + text model"),
     "probe": ("arlow.evaluation.probe", "k-NN and linear-probe accuracy of a vision encoder's frozen features"),
+    "align": ("arlow.finetune.align", "stage 2: train the mergers on image/video-caption pairs (loss on captions)"),
+    "sft": ("arlow.finetune.sft", "stage 3: instruction tuning on conversations (full, LoRA or QLoRA)"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Frozen features of a vision encoder: which encoder (:func:`load_encoder`) and what it sees (:func:`extract_features`).
+"""Frozen features of a vision encoder: which encoder (:func:`load_encoder`, :func:`random_encoder`) and what it
+sees (:func:`extract_features`).
 
 An image is shown to the encoder exactly as the pretraining pipeline shows an un-augmented image: the largest
 centred square, resized (bicubic) to ``resolution x resolution``, rescaled to [0, 1], normalised with the image
@@ -25,7 +26,7 @@ from ..pretrain.data import image_normalisation
 from ..processing.patches import pad_frames, patchify
 from .datasets import LabelledImages
 
-__all__ = ["load_encoder", "random_encoder", "image_rows", "extract_features", "Features"]
+__all__ = ["load_encoder", "random_encoder", "image_rows", "batch_rows", "extract_features", "Features"]
 
 logger = logging.getLogger("arlow.evaluation")
 
@@ -101,6 +102,22 @@ def image_rows(image, config: ArlowVisionConfig, resolution: int) -> tuple[torch
                     config.spatial_merge_size)
 
 
+def batch_rows(images, config: ArlowVisionConfig, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Many RGB PIL images -> ``(rows (n*h*w, C*Tp*P*P), grid_thw (n, 3))``, equal to concatenating
+    :func:`image_rows` of each image, with a handful of tensor operations for the whole batch.
+
+    Why it is equal: patch rows are ordered time-major, so patchifying the clip of ``n * Tp`` frames in which each
+    image is repeated ``Tp`` times yields the images' rows one after the other (temporal patch ``i`` = image ``i``).
+    """
+    mean, std = image_normalisation()
+    frames = [crop_frames([image], center_crop_box(*image.size), resolution, flip=False)[0] for image in images]
+    pixels = frames_to_tensor(frames, mean, std)  # (n, 3, R, R)
+    tp = config.temporal_patch_size
+    rows, grid = patchify(pixels.repeat_interleave(tp, dim=0), config.patch_size, tp, config.spatial_merge_size)
+    grid_thw = torch.tensor([[1, int(grid[1]), int(grid[2])]] * len(frames), dtype=torch.long)
+    return rows, grid_thw
+
+
 @dataclass
 class Features:
     """``features (n_kept, D)`` float32 for the readable items at ``kept`` (positions in the dataset);
@@ -134,36 +151,30 @@ def extract_features(encoder: ArlowVLVisionModel, images: LabelledImages, resolu
         raise ValueError("deepstack=True but this encoder has no DeepStack levels (deepstack_visual_indexes is empty)")
     device = next(encoder.parameters()).device
     dtype = encoder.get_dtype()
-    chunks, kept, skipped = [], [], []
-    pending_rows, pending_grids = [], []
+    chunks, kept, skipped, pending = [], [], [], []
 
     def flush():
-        rows = torch.cat(pending_rows).to(device=device, dtype=dtype)
-        grids = torch.stack(pending_grids)
-        out = encoder(pixel_values=rows, grid_thw=grids)
-        n = len(pending_grids)
+        rows, grids = batch_rows(pending, config, resolution)
+        out = encoder(pixel_values=rows.to(device=device, dtype=dtype), grid_thw=grids)
+        n = len(pending)
         levels = [out.last_hidden_state] + (list(out.deepstack_features) if deepstack else [])
         # every image has the same grid, so its tokens are one contiguous, equal-length run
         chunks.append(torch.cat([level.float().view(n, -1, level.shape[-1]).mean(dim=1) for level in levels], dim=1))
-        pending_rows.clear()
-        pending_grids.clear()
+        pending.clear()
 
     bar = tqdm(range(len(images)), desc=desc, unit="img", disable=not progress, leave=False)
     for position in bar:
         index = int(images.indices[position])
         try:
-            image = images.source.load(index)
+            pending.append(images.source.load(index))
         except UnreadableMediaError as error:
             skipped.append((images.source.name(index), str(error)))
             bar.set_postfix(skipped=len(skipped))
             continue
-        rows, grid = image_rows(image, config, resolution)
-        pending_rows.append(rows)
-        pending_grids.append(grid)
         kept.append(position)
-        if len(pending_grids) == batch_size:
+        if len(pending) == batch_size:
             flush()
-    if pending_grids:
+    if pending:
         flush()
     bar.close()
     if skipped:

@@ -150,9 +150,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluation.add_argument("--seed", type=int, default=0, help="seeds the split and the linear probe")
     parser.add_argument("--output", default="probe_results.json", help="JSON result file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for feature extraction (default: torch's; 1 is often faster on a "
+                             "busy machine)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     linear = LinearProbeConfig(epochs=args.epochs, batch_size=args.probe_batch_size, learning_rate=args.lr,
                                seed=args.seed)
     result = probe_encoder(

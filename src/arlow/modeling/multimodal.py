@@ -283,6 +283,13 @@ class ArlowModel(ArlowPreTrainedModel):
         """``(position_ids (3, B, S), rope_deltas (B, 1))`` from :func:`arlow.modeling.rope.get_rope_index` with this
         model's token ids, merge size and ``config.tokens_per_second``."""
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
+        placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+        if image_grid_thw is None and video_grid_thw is None and not placeholders.any():
+            # Text only: the same numbers as the general routine (padding at 1), without its per-token loop.
+            real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+            text = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
+            deltas = real.sum(-1, keepdim=True) - input_ids.shape[1]
+            return text.unsqueeze(0).expand(3, -1, -1).contiguous(), deltas
         return get_rope_index(
             input_ids, image_grid_thw, video_grid_thw, mask,
             image_token_id=self.config.image_token_id,
@@ -366,8 +373,11 @@ class ArlowModel(ArlowPreTrainedModel):
             image_feats = self.get_image_features(pixel_values, image_grid_thw)
         if pixel_values_videos is not None:
             video_feats = self.get_video_features(pixel_values_videos, video_grid_thw)
-        image_mask, video_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_feats, video_feats)
-        if past == 0 and input_ids is not None:
+        image_mask = video_mask = None
+        prefill_ids = past == 0 and input_ids is not None
+        if image_feats is not None or video_feats is not None or prefill_ids:  # decode steps skip this
+            image_mask, video_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_feats, video_feats)
+        if prefill_ids:
             # Generated tokens may be placeholder ids (they are plain embeddings then); a prompt may not.
             for kind, mask, feats in (("image", image_mask, image_feats), ("video", video_mask, video_feats)):
                 if feats is None and mask.any():

@@ -37,14 +37,65 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+# Below this many elements the plain formula's few kernels beat the fused form's extra slicing (one-token decode);
+# above it the fused form's single buffer beats five full-size temporaries (prefill, training, vision).
+_FUSED_MIN_NUMEL = 1 << 16
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x (..., D)`` by angles whose ``cos``/``sin`` (broadcastable to ``x``) use the half-split layout.
 
-    Computed in fp32 and cast back, so bf16 activations get an accurate rotation.
+    Returns ``x * cos + rotate_half(x) * sin``, computed in fp32 (fp64 for fp64 input) and cast back, so bf16
+    activations get an accurate rotation. Large inputs go through four multiply-adds into one buffer (on CPU the
+    negate/concatenate form costs several extra passes and allocations over q and k) whose backward pass is the
+    rotation by the opposite angle; small inputs, and tables that need gradients, use the plain formula.
     """
-    dtype = x.dtype
-    x = x.float()
-    return (x * cos.float() + rotate_half(x) * sin.float()).to(dtype)
+    if cos.requires_grad or sin.requires_grad or x.numel() < _FUSED_MIN_NUMEL:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)
+        return (xf * cos.to(dtype) + rotate_half(xf) * sin.to(dtype)).to(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotation.apply(x, cos, sin)
+    return _rotate_fp32(x, cos, sin).to(x.dtype)
+
+
+def _rotate_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` in fp32 (fp64 for fp64) into one buffer: ``out1 = x1 c - x2 s``,
+    ``out2 = x2 c + x1 s`` (the two halves of a half-split table are equal, so ``c, s`` are the first halves)."""
+    half = x.shape[-1] // 2
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)  # one up-cast pass; same-dtype kernels below are faster than mixed bf16/fp32 ones
+    c, s = cos[..., :half].to(dtype), sin[..., :half].to(dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    shape = x.shape
+    if (cos.dim() > x.dim() or sin.shape != cos.shape
+            or any(b != a and b != 1 for a, b in zip(reversed(shape), reversed(cos.shape)))):
+        shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)  # tables wider than x (slow, so rare)
+    out = torch.empty(shape, dtype=dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1)
+    o1.addcmul_(x2, s, value=-1.0)
+    torch.mul(x2, c, out=o2)
+    o2.addcmul_(x1, s)
+    return out
+
+
+class _Rotation(torch.autograd.Function):
+    """Autograd for the fused rotation: the vector-Jacobian product of a rotation is the rotation by minus it."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return _rotate_fp32(x, cos, sin).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        grad_x = _rotate_fp32(grad, cos, -sin)
+        if grad_x.shape != ctx.x_shape:  # x was broadcast against the tables
+            grad_x = grad_x.sum_to_size(ctx.x_shape)
+        return grad_x.to(ctx.x_dtype), None, None
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..training import TrainConfig, Trainer
 from ..training.config import apply_overrides, load_yaml
 from ..training.distributed import rank_and_world
 from .data import PretrainData, image_normalisation
-from .export import MAE_CONFIG, export_checkpoint
+from .export import MAE_CONFIG, export_checkpoint, load_mae_checkpoint
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from .reconstruct import save_reconstruction_grid
 
@@ -101,6 +101,10 @@ def pretrain(tree: dict) -> dict:
     def on_checkpoint(checkpoint_dir, unwrapped):
         step = int(str(Path(checkpoint_dir).name).split("-")[-1])
         (Path(checkpoint_dir) / MAE_CONFIG).write_text(json.dumps(unwrapped.config.to_dict(), indent=2) + "\n")
+        if next(unwrapped.parameters()).dtype != torch.float32:
+            # DeepSpeed bf16/fp16 holds the module in low precision; export the fp32 master weights the engine
+            # wrote to model.safetensors instead.
+            unwrapped = load_mae_checkpoint(checkpoint_dir)[0]
         export_checkpoint(unwrapped, checkpoint_dir, {"step": step, **data_meta})
         if preview is not None:
             save_reconstruction_grid(unwrapped, preview, Path(checkpoint_dir) / "reconstructions.png", recon_seed,

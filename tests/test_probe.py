@@ -1,0 +1,283 @@
+"""Frozen-feature evaluation: k-NN, linear probe, datasets and the `arlow probe` command end to end."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import arlow  # noqa: F401
+from arlow.cli import main
+from arlow.configuration import ArlowVisionConfig
+from arlow.evaluation import (
+    LinearProbeConfig,
+    extract_features,
+    knn_accuracy,
+    knn_predict,
+    labelled_images,
+    load_encoder,
+    probe_accuracy,
+    probe_encoder,
+    random_encoder,
+    stratified_split,
+    train_linear_probe,
+)
+from arlow.evaluation.features import batch_rows, image_rows
+from arlow.modeling.vision import ArlowVLVisionModel
+
+TINY = dict(depth=2, embed_dim=32, num_heads=2, hidden_size=32, deepstack_visual_indexes=[0])
+RES = 56  # 4 x 4 patches = 4 merged tokens per image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic features
+
+
+def blobs(n_per_class=60, classes=3, dim=16, spread=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 3
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    feats = centres[labels] + spread * torch.randn(len(labels), dim, generator=g)
+    perm = torch.randperm(len(labels), generator=g)
+    return feats[perm], labels[perm]
+
+
+def halves(feats, labels):
+    n = len(labels) * 2 // 3
+    return feats[:n], labels[:n], feats[n:], labels[n:]
+
+
+def test_knn_matches_a_direct_implementation_and_separates_blobs():
+    xtr, ytr, xte, yte = halves(*blobs())
+    scores = knn_predict(xtr, ytr, xte, 3, k=20, temperature=0.07)
+    # independent: one test item at a time, explicit cosine, explicit vote
+    for i in range(0, len(xte), 7):
+        sims = torch.tensor([float(xte[i] @ xtr[j] / (xte[i].norm() * xtr[j].norm())) for j in range(len(xtr))])
+        top = sims.argsort(descending=True)[:20]
+        votes = torch.zeros(3)
+        for j in top:
+            votes[ytr[j]] += torch.exp(sims[j] / 0.07)
+        torch.testing.assert_close(scores[i], votes, rtol=1e-4, atol=0)
+    assert knn_accuracy(xtr, ytr, xte, yte, 3) >= 0.98
+
+
+def test_linear_probe_separates_blobs_and_shuffled_labels_stay_near_chance():
+    xtr, ytr, xte, yte = halves(*blobs())
+    cfg = LinearProbeConfig(epochs=30, batch_size=32)
+    assert probe_accuracy(train_linear_probe(xtr, ytr, 3, cfg), xte, yte) >= 0.98
+    # labels independent of the features: nothing to learn, test accuracy near 1/3 for both methods
+    shuffled = torch.randperm(len(ytr) + len(yte), generator=torch.Generator().manual_seed(1))
+    y_all = torch.cat([ytr, yte])[shuffled]
+    ytr_s, yte_s = y_all[: len(ytr)], y_all[len(ytr):]
+    assert knn_accuracy(xtr, ytr_s, xte, yte_s, 3) < 0.55
+    assert probe_accuracy(train_linear_probe(xtr, ytr_s, 3, cfg), xte, yte_s) < 0.55
+
+
+def test_linear_probe_is_deterministic_for_a_seed_and_leaves_global_rng_alone():
+    xtr, ytr, _, _ = halves(*blobs(spread=2.0))
+    state = torch.random.get_rng_state()
+    a = train_linear_probe(xtr, ytr, 3, LinearProbeConfig(epochs=5, batch_size=16, seed=3))
+    b = train_linear_probe(xtr, ytr, 3, LinearProbeConfig(epochs=5, batch_size=16, seed=3))
+    c = train_linear_probe(xtr, ytr, 3, LinearProbeConfig(epochs=5, batch_size=16, seed=4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.head.weight, c.head.weight)
+    assert a.norm.weight is None  # BatchNorm without affine parameters, as MAE's linprobe
+
+
+def test_stratified_split_is_seeded_disjoint_and_proportional():
+    names = ["a"] * 50 + ["b"] * 30 + ["c"] * 1
+    train, test = stratified_split(names, 0.2, seed=0)
+    again, _ = stratified_split(names, 0.2, seed=0)
+    other, _ = stratified_split(names, 0.2, seed=1)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+    assert set(train) | set(test) == set(range(len(names))) and not set(train) & set(test)
+    assert [names[i] for i in test].count("a") == 10 and [names[i] for i in test].count("b") == 6
+    assert 80 in train  # a single-item class stays in training
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images and encoders
+
+
+def digit_like(kind: int, seed: int) -> Image.Image:
+    """Class 0: a bright horizontal bar; class 1: a vertical bar; jittered position and noise."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 40, (40, 40, 3)).astype(np.uint8)
+    offset = int(rng.integers(8, 28))
+    if kind == 0:
+        a[offset:offset + 6, 4:36] = (250, 60, 60)
+    else:
+        a[4:36, offset:offset + 6] = (60, 60, 250)
+    return Image.fromarray(a)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classes")
+    for kind, name in enumerate(("horizontal", "vertical")):
+        (root / name).mkdir()
+        for i in range(8):
+            digit_like(kind, 100 * kind + i).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def config_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    path.write_text(ArlowVisionConfig(**TINY).to_json_string())
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(5)
+    model = ArlowVLVisionModel(ArlowVisionConfig(**TINY)).eval()
+    checkpoint = tmp_path_factory.mktemp("ckpt") / "checkpoint-7"
+    model.save_pretrained(checkpoint / "vision_encoder")
+    return model, checkpoint
+
+
+def test_batched_rows_equal_one_image_at_a_time():
+    config = ArlowVisionConfig(**TINY)
+    images = [digit_like(i % 2, i) for i in range(5)] + [Image.new("RGB", (70, 30), (10, 200, 30))]
+    rows, grids = batch_rows(images, config, RES)
+    singles = [image_rows(im, config, RES) for im in images]
+    assert torch.equal(rows, torch.cat([r for r, _ in singles]))
+    assert torch.equal(grids, torch.stack([g for _, g in singles]))
+
+
+def test_exported_encoder_and_checkpoint_load_with_identical_features(exported, folder):
+    model, checkpoint = exported
+    data = labelled_images(folder)
+    ref = extract_features(model, data, RES, batch_size=5, deepstack=True, progress=False)
+    for path in (checkpoint, checkpoint / "vision_encoder"):
+        loaded, where = load_encoder(path)
+        assert where.endswith("vision_encoder")
+        feats = extract_features(loaded, data, RES, batch_size=16, deepstack=True, progress=False)
+        torch.testing.assert_close(feats.features, ref.features, rtol=1e-5, atol=1e-6)
+    assert ref.features.shape == (16, 2 * TINY["hidden_size"])  # merged mean + one DeepStack level
+    # the first half of the deepstack feature is the plain feature
+    plain = extract_features(model, data, RES, progress=False)
+    torch.testing.assert_close(ref.features[:, : TINY["hidden_size"]], plain.features, rtol=1e-5, atol=1e-6)
+
+
+def test_random_init_from_config_is_seeded(config_json, exported):
+    a, _ = random_encoder(config_json, seed=1)
+    b, _ = random_encoder(config_json, seed=1)
+    c, _ = random_encoder(config_json, seed=2)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.patch_embed.proj.weight, c.patch_embed.proj.weight)
+    shapes = {k: v.shape for k, v in exported[0].state_dict().items()}
+    assert {k: v.shape for k, v in a.state_dict().items()} == shapes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `arlow probe` end to end, each dataset form
+
+
+def run_probe(args, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    code = main(["probe", *args, "--resolution", str(RES), "--epochs", "10", "--no-progress", "--output", str(out)])
+    stdout = capsys.readouterr().out
+    return code, (json.loads(out.read_text()) if out.is_file() else None), stdout
+
+
+def test_cli_class_folders_random_init(folder, config_json, tmp_path, capsys):
+    code, result, stdout = run_probe(["--random-init", str(config_json), "--dataset", str(folder),
+                                      "--test-fraction", "0.25"], tmp_path, capsys)
+    assert code == 0
+    assert result["num_train"] == 12 and result["num_test"] == 4 and result["num_classes"] == 2
+    assert result["classes"] == ["horizontal", "vertical"] and result["feature_dim"] == TINY["hidden_size"]
+    assert 0.0 <= result["knn"]["top1"] <= 1.0 and 0.0 <= result["linear"]["top1"] <= 1.0
+    assert result["linear"]["train_top1"] == 1.0  # 12 points in 32 dimensions are linearly separable
+    assert stdout.startswith("probe: k-NN (k=20) top-1") and "12 train / 4 test" in stdout
+    # same seed, same everything
+    code, again, _ = run_probe(["--random-init", str(config_json), "--dataset", str(folder), "--test-fraction",
+                                "0.25"], tmp_path, capsys)
+    assert again["knn"] == result["knn"] and again["linear"] == result["linear"]
+
+
+def test_cli_saved_datasets_folder_and_given_splits(folder, exported, tmp_path, capsys):
+    import datasets
+
+    images = [digit_like(i % 2, 500 + i) for i in range(10)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["h", "v"])})
+    ds = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(10)]}, features=features)
+    ds.save_to_disk(str(tmp_path / "hf"))
+    code, result, _ = run_probe([str(exported[1]), "--dataset", str(tmp_path / "hf"), "--deepstack"], tmp_path,
+                                capsys)
+    assert code == 0 and result["num_train"] + result["num_test"] == 10 and result["classes"] == ["h", "v"]
+    assert result["feature_dim"] == 2 * TINY["hidden_size"] and result["encoder"].endswith("vision_encoder")
+
+    # given split folders: the class names line up
+    code, result, _ = run_probe([str(exported[1]), "--train", str(folder), "--test", str(folder), "--k", "1"],
+                                tmp_path, capsys)
+    assert code == 0 and result["num_train"] == result["num_test"] == 16 and result["knn"]["k"] == 1
+    assert result["knn"]["top1"] == 1.0  # with k=1 every test image is its own nearest training neighbour
+
+
+def test_cli_csv_with_header_relative_paths_and_a_bad_file(folder, config_json, tmp_path, capsys, caplog):
+    lines = ["path,label"]
+    for name in ("horizontal", "vertical"):
+        for f in sorted((folder / name).iterdir()):
+            lines.append(f"{f},{name}")
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    lines.append("broken.png,vertical")  # relative to the CSV's folder
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="arlow.evaluation"):
+        code, result, stdout = run_probe(["--random-init", str(config_json), "--dataset", str(tmp_path / "data.csv")],
+                                         tmp_path, capsys)
+    assert code == 0
+    assert result["num_skipped"] == 1 and "broken.png" in result["skipped"][0]["file"]
+    assert result["num_train"] + result["num_test"] == 16 and "1 skipped" in stdout
+    assert any("skipped 1 unreadable" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clear errors
+
+
+def test_errors_not_an_encoder(folder, tmp_path, capsys):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    for bad in (tmp_path / "other", folder, tmp_path / "missing"):
+        with pytest.raises(ValueError, match="vision_encoder|not a vision encoder|not a directory"):
+            load_encoder(bad)
+    assert main(["probe", str(tmp_path / "other"), "--dataset", str(folder), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a vision encoder" in err and "model_type 'arlow_vision'" in err and "'bert'" in err
+
+
+def test_errors_one_class_empty_and_unreadable(config_json, tmp_path):
+    one = tmp_path / "one" / "only"
+    one.mkdir(parents=True)
+    for i in range(4):
+        digit_like(0, i).save(one / f"{i}.png")
+    with pytest.raises(ValueError, match="single class"):
+        probe_encoder(random_init=str(config_json), dataset=one.parent, resolution=RES, progress=False)
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        probe_encoder(random_init=str(config_json), dataset=tmp_path / "empty", resolution=RES, progress=False)
+    (tmp_path / "empty.csv").write_text("path,label\n")
+    with pytest.raises(ValueError, match="lists no images"):
+        probe_encoder(random_init=str(config_json), dataset=tmp_path / "empty.csv", resolution=RES, progress=False)
+
+    bad = tmp_path / "bad"
+    for name in ("a", "b"):
+        (bad / name).mkdir(parents=True)
+        for i in range(3):
+            (bad / name / f"{i}.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match="none of the .* images could be read"):
+        probe_encoder(random_init=str(config_json), dataset=bad, resolution=RES, progress=False)
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    digit_like(0, 0).save(flat / "x.png")
+    with pytest.raises(ValueError, match="not in class folders"):
+        labelled_images(flat)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        probe_encoder(random_init=str(config_json), dataset=one.parent.parent / "bad", resolution=50, progress=False)
