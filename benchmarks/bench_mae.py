@@ -72,6 +72,12 @@ def vitmae_train_flops(args) -> float:
     return 3 * (enc + dec) * args.batch
 
 
+def mfu(achieved: float, peak: float) -> str:
+    """Model FLOPs utilisation; "n/a" where the dtype has no hardware path (bf16 without avx512_bf16 measures a
+    fallback below 1 GFLOP/s, which makes any ratio meaningless)."""
+    return f"{100 * achieved / peak:.1f}%" if peak >= 1e9 else "n/a (no fast path)"
+
+
 def step_fn(model, batch, dtype):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -164,7 +170,7 @@ def main(argv=None):
         patches = args.batch * (args.resolution // 14) ** 2
         for w in models:
             rows.append([precision, w, f"{args.batch / t[w]:.2f}", f"{patches / t[w]:.0f}",
-                         f"{t['vitmae'] / t[w]:.2f}x", f"{flops[w] / 1e9:.1f}", f"{100 * flops[w] / t[w] / peak:.1f}%",
+                         f"{t['vitmae'] / t[w]:.2f}x", f"{flops[w] / 1e9:.1f}", mfu(flops[w] / t[w], peak),
                          f"{peak / 1e9:.0f}", f"{mem[w] / 2**20:.0f}"])
     print(markdown_table(["precision", "model", "images/s", "patches/s", "vs ViTMAE", "GFLOP/step", "MFU",
                           "peak GFLOP/s", "train mem MiB"], rows))
