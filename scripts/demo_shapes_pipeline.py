@@ -2,7 +2,7 @@
 generated shapes, then accuracy on held-out images and clips (colour, count, position, direction of motion), next to
 the same pipeline with every image and clip blanked. See docs/finetuning.md and arlow.finetune.demo.
 
-    python scripts/demo_shapes_pipeline.py runs/shapes-demo            # both pipelines, about 15-25 min on 2 cores
+    python scripts/demo_shapes_pipeline.py runs/shapes-demo            # both pipelines, about 13 min on 2 cores
     python scripts/demo_shapes_pipeline.py runs/shapes-demo --short    # the test's size
     python scripts/demo_shapes_pipeline.py runs/shapes-demo --only real
 """
