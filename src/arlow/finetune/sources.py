@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,18 +50,21 @@ VIDEO_EXTENSIONS = ("mp4", "avi", "mkv", "webm", "mov", "m4v")
 _MEDIA_KEYS = ("image", "images", "video", "videos")
 
 
-class RecordSource:
+class RecordSource(ABC):
     """Random access to records. ``record(i)`` returns a fresh dict (callers may modify it)."""
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def record(self, index: int) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def name(self, index: int) -> str:
         """Where record ``index`` comes from (``file.jsonl:12``, ``shard.tar:KEY``, ``dataset[3]``)."""
-        raise NotImplementedError
+        ...
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} records)"

@@ -22,6 +22,7 @@ import torch
 __all__ = [
     "rotate_half",
     "apply_rotary",
+    "rotate_pairs",
     "rope_inv_freq",
     "mrope_slot_axes",
     "multi_axis_angles",
@@ -59,18 +60,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return _rotate_fp32(x, cos, sin).to(x.dtype)
 
 
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs ``(c, c + D/2)`` of ``x (..., D)`` by angles with ``cos/sin (..., D/2)`` (broadcast).
+
+    :func:`apply_rotary`'s fused path with half-width tables (one entry per frequency slot, as the vision encoder
+    keeps them), for inputs large enough that the fused form always pays. Math in fp32, result in ``x.dtype``; the
+    angles get no gradient.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotation.apply(x, cos, sin)
+    return _rotate_fp32(x, cos, sin).to(x.dtype)
+
+
 def _rotate_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x * cos + rotate_half(x) * sin`` in fp32 (fp64 for fp64) into one buffer: ``out1 = x1 c - x2 s``,
-    ``out2 = x2 c + x1 s`` (the two halves of a half-split table are equal, so ``c, s`` are the first halves)."""
+    ``out2 = x2 c + x1 s``. ``cos``/``sin`` are half-split tables (whose two halves are equal, so ``c, s`` are the
+    first halves) or half-width ones."""
     half = x.shape[-1] // 2
     dtype = torch.promote_types(x.dtype, torch.float32)
     x = x.to(dtype)  # one up-cast pass; same-dtype kernels below are faster than mixed bf16/fp32 ones
     c, s = cos[..., :half].to(dtype), sin[..., :half].to(dtype)
     x1, x2 = x[..., :half], x[..., half:]
     shape = x.shape
+    lead, table = x.shape[:-1], cos.shape[:-1]  # tables may be D or D/2 wide; only their leading dims broadcast
     if (cos.dim() > x.dim() or sin.shape != cos.shape
-            or any(b != a and b != 1 for a, b in zip(reversed(shape), reversed(cos.shape)))):
-        shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)  # tables wider than x (slow, so rare)
+            or any(b != a and b != 1 for a, b in zip(reversed(lead), reversed(table)))):
+        shape = torch.broadcast_shapes(lead, table) + x.shape[-1:]  # tables wider than x (slow, so rare)
     out = torch.empty(shape, dtype=dtype, device=x.device)
     o1, o2 = out[..., :half], out[..., half:]
     torch.mul(x1, c, out=o1)

@@ -39,6 +39,7 @@ from .rope import (
     mrope_slot_axes,
     multi_axis_angles,
     rope_inv_freq,
+    rotate_pairs,
     vision_patch_positions,
 )
 
@@ -258,43 +259,6 @@ class ArlowVisionRotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(self.head_dim, self.theta, device=positions.device)
         angles = multi_axis_angles(positions, inv_freq, mrope_slot_axes(self.sections))
         return angles.cos(), angles.sin()
-
-
-def _rotate_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    o1, o2 = out[..., :half], out[..., half:]
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin)
-    return out
-
-
-class _PairRotation(torch.autograd.Function):
-    """Autograd for :func:`rotate_pairs`: a rotation's vector-Jacobian product is the rotation by minus the angle."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate_fp32(x, cos, sin).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate_fp32(grad, cos, -sin).to(grad.dtype), None, None
-
-
-def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs ``(c, c + D/2)`` of ``x (..., D)`` by angles with ``cos/sin (..., D/2)`` (broadcast).
-
-    The same rotation as :func:`arlow.modeling.rope.apply_rotary` with ``cat([cos, cos], -1)`` tables, written as
-    four fused multiply-adds into one fp32 buffer: on CPU the chunk/negate/concatenate form costs several extra
-    passes over q and k, a visible share of the encoder's time. Math in fp32, result in ``x.dtype``; the angles
-    get no gradient.
-    """
-    return _PairRotation.apply(x, cos, sin)
 
 
 def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,22 +58,25 @@ def _decode_image(data, name: str) -> Image.Image:
         raise UnreadableMediaError(f"cannot decode image {name}: {type(error).__name__}: {error}") from error
 
 
-class ImageSource:
+class ImageSource(ABC):
     """Random access to images. Subclasses set ``labels`` (list of int or None) and ``classes``."""
 
     labels: list[int] | None = None
     classes: list[str] | None = None
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def load(self, index: int) -> Image.Image:
         """The image at ``index`` as a decoded RGB PIL image (``UnreadableMediaError`` if it cannot be)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def name(self, index: int) -> str:
         """Where the image at ``index`` comes from (a path, ``shard.tar:member``, ``dataset[row]``)."""
-        raise NotImplementedError
+        ...
 
     def label(self, index: int) -> int | None:
         return None if self.labels is None else self.labels[index]
