@@ -657,3 +657,46 @@ def test_fork_causal_lm_checkpoint_loads_by_name(tmp_path):
     ids = torch.randint(1, VOCAB, (1, 6))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+# --------------------------------------------------------------------------------------------- last-layer shortcut
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("last_layer", ["full_attention", "sliding_attention"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_to_keep_computes_the_last_layer_at_kept_rows_only(impl, last_layer, padded):
+    """With ``logits_to_keep=n`` the final layer runs its queries and MLP on the last ``n`` rows only: same logits and
+    the same cache (so the same continuation) as the full forward, and the final MLP really sees ``n`` rows."""
+    types = ["full_attention", "sliding_attention", last_layer]
+    model = build(impl=impl, layer_types=types)
+    ids, mask = left_pad(PROMPTS) if padded else (torch.randint(1, VOCAB, (2, 9)), None)
+    seen = []
+    hook = model.model.layers[-1].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    with torch.no_grad():
+        full_cache, kept_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        full = model(ids, attention_mask=mask, past_key_values=full_cache, use_cache=True).logits
+        for n in (1, 3):
+            kept = model(ids, attention_mask=mask, logits_to_keep=n).logits
+            assert kept.shape == (ids.shape[0], n, VOCAB)
+            torch.testing.assert_close(kept, full[:, -n:], atol=1e-5, rtol=1e-5)
+        one = model(ids, attention_mask=mask, past_key_values=kept_cache, use_cache=True, logits_to_keep=1)
+        for layer in range(len(types)):
+            torch.testing.assert_close(kept_cache.layers[layer].keys, full_cache.layers[layer].keys)
+            torch.testing.assert_close(kept_cache.layers[layer].values, full_cache.layers[layer].values)
+        torch.testing.assert_close(one.logits[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+    hook.remove()
+    # full forward, n=1, n=3 (or the full rows where an unmasked sdpa call cannot align 3 query rows), cached n=1
+    three = ids.shape[1] if impl == "sdpa" and not padded and last_layer == "full_attention" else 3
+    assert seen == [ids.shape[1], 1, three, 1]
+
+
+def test_logits_to_keep_keeps_full_outputs_when_hidden_states_are_requested():
+    model = build()
+    ids = torch.randint(1, VOCAB, (1, 8))
+    with torch.no_grad():
+        out = model(ids, logits_to_keep=1, output_hidden_states=True)
+        ref = model(ids, output_hidden_states=True)
+    assert out.hidden_states[-1].shape == (1, 8, 32)
+    torch.testing.assert_close(out.hidden_states[-1], ref.hidden_states[-1])
+    torch.testing.assert_close(out.logits[:, 0], ref.logits[:, -1])

@@ -513,6 +513,7 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
             video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts,
             use_cache=use_cache,
+            output_last=logits_to_keep if labels is None else None,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))

@@ -215,19 +215,34 @@ class ArlowAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
+        query_last: int | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``hidden_states (B, S, Hd)``, ``position_embeddings`` cos/sin ``(B, 1, S, D)`` -> ``(B, S, Hd)``, weights."""
+        """``hidden_states (B, S, Hd)``, ``position_embeddings`` cos/sin ``(B, 1, S, D)`` -> ``(B, S', Hd)``, weights.
+
+        ``query_last=n`` attends from the last ``n`` positions only (``S' = n``; keys and values, and what is cached,
+        still cover all ``S``); the mask must then be ``None`` (``n == 1``) or a 4-D mask over all ``S`` rows.
+        """
         b, s, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)
+        cos, sin = position_embeddings
         k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)
         v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        # One rotation over the query and key heads together: half the small kernels of a decode step.
-        cos, sin = position_embeddings
-        qk = apply_rotary(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin)
-        q, k = qk.split((self.num_heads, self.num_key_value_heads), dim=1)
+        if query_last is None:
+            q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            # One rotation over the query and key heads together: half the small kernels of a decode step.
+            qk = apply_rotary(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin)
+            q, k = qk.split((self.num_heads, self.num_key_value_heads), dim=1)
+        else:
+            q = self.q_proj(hidden_states[:, -query_last:]).view(b, query_last, -1, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rotary(q.transpose(1, 2), cos[..., -query_last:, :], sin[..., -query_last:, :])
+            k = apply_rotary(k.transpose(1, 2), cos, sin)
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., -query_last:, :]
+            s = query_last
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
@@ -282,11 +297,17 @@ class ArlowDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
+        output_last: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """``output_last=n``: the output covers only the last ``n`` positions ``(B, n, Hd)`` (see
+        :meth:`ArlowAttention.forward`); the cache still receives every position's keys and values."""
         attn_out, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values,
+            query_last=output_last, **kwargs
         )
+        if output_last is not None:
+            hidden_states = hidden_states[:, -output_last:]
         hidden_states = hidden_states + _dropout(attn_out, self.resid_dropout, self.training)
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + _dropout(mlp_out, self.resid_dropout, self.training)
@@ -428,6 +449,20 @@ class ArlowTextModel(ArlowTextPreTrainedModel):
             feats = feats * torch.sigmoid(self.visual_gates[layer]).to(hidden.dtype)
         return hidden.index_put(index, feats, accumulate=True)
 
+    def _output_last(self, n, seq: int, last_mask, deepstack: dict, kwargs: dict) -> int | None:
+        """How many final positions the last layer computes (``None`` = all); see ``forward``'s ``output_last``."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n < seq:
+            return None
+        if self.config._attn_implementation not in ("eager", "sdpa") or len(self.layers) - 1 in deepstack:
+            return None
+        if any(kwargs.get(key, getattr(self.config, key, False)) for key in ("output_hidden_states",
+                                                                             "output_attentions")):
+            return None
+        # Without a mask, sdpa runs causal attention aligned top-left: right for one query row only.
+        if last_mask is None and n > 1 or last_mask is not None and getattr(last_mask, "ndim", 0) != 4:
+            return None
+        return n
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -440,6 +475,7 @@ class ArlowTextModel(ArlowTextPreTrainedModel):
         use_cache: bool | None = None,
         visual_pos_masks: torch.BoolTensor | None = None,
         deepstack_visual_embeds: dict[int, torch.Tensor] | list[torch.Tensor] | None = None,
+        output_last: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -453,6 +489,12 @@ class ArlowTextModel(ArlowTextPreTrainedModel):
             deepstack_visual_embeds: ``{text_layer: (n_visual, Hd)}`` added at the True positions of
                 ``visual_pos_masks`` (row-major order) right after that layer; scaled by ``sigmoid(visual_gates[l])``
                 when ``config.use_gated_cross_attention``.
+            output_last: ``n`` = only the last ``n`` positions' outputs will be read (``logits_to_keep=n``, as in
+                ``generate``). The final layer then computes its queries, MLP and output at those positions only
+                (what it caches still covers all of them) and ``last_hidden_state`` is ``(B, n, Hd)``, the same
+                numbers as the last ``n`` rows of the full output. Where that shortcut does not apply (hidden
+                states or attentions requested, DeepStack features after the final layer, a backend other than
+                eager/sdpa) the full ``(B, S, Hd)`` comes back.
         Returns:
             ``BaseModelOutputWithPast`` with ``last_hidden_state (B, S, Hd)`` (after the final norm).
         """
@@ -481,6 +523,7 @@ class ArlowTextModel(ArlowTextPreTrainedModel):
         cos, sin = self.rotary_emb(hidden, rope_positions)
         # Broadcast over heads once here instead of in every layer.
         position_embeddings = (cos.unsqueeze(1), sin.unsqueeze(1))
+        last = self._output_last(output_last, seq, masks[self.config.layer_types[-1]], deepstack, kwargs)
         for i, layer in enumerate(self.layers):
             hidden = layer(
                 hidden,
@@ -489,6 +532,7 @@ class ArlowTextModel(ArlowTextPreTrainedModel):
                 position_ids=text_positions,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                output_last=last if i == len(self.layers) - 1 else None,
                 **kwargs,
             )
             if i in deepstack:
@@ -534,6 +578,7 @@ class ArlowForCausalLM(ArlowTextPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_last=logits_to_keep if labels is None else None,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
