@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_wall_and_cpu, machine_line, markdown_table, median  # noqa: E402
+from common import interleaved_wall_and_cpu, machine_line, markdown_table, median, mfu  # noqa: E402
 
 
 def build(which: str, args):
@@ -70,12 +70,6 @@ def vitmae_train_flops(args) -> float:
     dec = args.dec_depth * layer(T_dec, args.dec_width) + 2 * T_dec * args.dec_width * 14 * 14 * 3
     dec += 2 * T_enc * args.width * args.dec_width
     return 3 * (enc + dec) * args.batch
-
-
-def mfu(achieved: float, peak: float) -> str:
-    """Model FLOPs utilisation; "n/a" where the dtype has no hardware path (bf16 without avx512_bf16 measures a
-    fallback below 1 GFLOP/s, which makes any ratio meaningless)."""
-    return f"{100 * achieved / peak:.1f}%" if peak >= 1e9 else "n/a (no fast path)"
 
 
 def step_fn(model, batch, dtype):

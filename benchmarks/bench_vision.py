@@ -23,9 +23,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_wall_and_cpu, machine_line, markdown_table, median  # noqa: E402
+from common import interleaved_wall_and_cpu, machine_line, markdown_table, median, mfu  # noqa: E402
 
 from arlow import ArlowVisionConfig, ArlowVLVisionModel  # noqa: E402
+from arlow.training.mfu import linear_flops, measure_matmul_peak, vit_forward_flops  # noqa: E402
 
 # (t, h, w) patch grids of eight images after an aspect-preserving resize to multiples of 28 px:
 # 224x224, 224x336, 336x224, 448x448, 112x560, 280x392, 168x168, 392x280.
@@ -50,6 +51,16 @@ def build_models(depth: int, embed: int, heads: int, dtype: torch.dtype):
     return ours, qwen
 
 
+def encoder_flops(grids, config: ArlowVisionConfig) -> float:
+    """Model FLOPs of one forward of either encoder on ``grids`` (the same arithmetic in both: patch embedding,
+    blocks with attention within each image, 2x2 merger); norms, activations and RoPE are not counted."""
+    lengths = [t * h * w for t, h, w in grids]
+    width, merged = config.embed_dim, config.embed_dim * config.spatial_merge_size**2
+    tokens = sum(lengths) // config.spatial_merge_size**2
+    return (vit_forward_flops(lengths, config.depth, width, int(width * config.mlp_ratio), config.patch_dim)
+            + linear_flops(tokens, merged, merged) + linear_flops(tokens, merged, config.hidden_size))
+
+
 def random_pack(grids, patch_dim: int, dtype: torch.dtype):
     grid = torch.tensor(grids, dtype=torch.long)
     return torch.randn(int(grid.prod(dim=1).sum()), patch_dim).to(dtype), grid
@@ -59,7 +70,7 @@ def versus_qwen(args) -> str:
     rows = []
     labels = {"qwen": "Qwen2-VL vision (transformers)", "ours": "Arlow, no locality bias",
               "ours+bias": "Arlow, locality bias on"}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, name) for name in args.dtypes):
         torch.manual_seed(0)
         ours, qwen = build_models(args.depth, args.embed, args.heads, dtype)
         pixels, grid = random_pack(MIXED_IMAGES, ours[False].config.patch_dim, dtype)
@@ -71,13 +82,19 @@ def versus_qwen(args) -> str:
                 "ours+bias": lambda: ours[True](pixels, grid),
             }, repeats=args.repeats)
         q_wall, q_cpu = median(wall["qwen"]), median(cpu["qwen"])
+        flops, peak = encoder_flops(MIXED_IMAGES, ours[False].config), measure_matmul_peak(dtype)
         for name, label in labels.items():
             t, c = median(wall[name]), median(cpu[name])
             rows.append([str(dtype).replace("torch.", ""), label, f"{t * 1000:.0f}", f"{n / t:,.0f}",
-                         f"{q_wall / t:.2f}x", f"{c:.2f}", f"{q_cpu / c:.2f}x"])
-        print(f"  {dtype}: done", file=sys.stderr)
+                         f"{q_wall / t:.2f}x", f"{c:.2f}", f"{q_cpu / c:.2f}x", mfu(flops / t, peak)])
+        # What an encoder running every counted FLOP at the measured matmul peak would gain over Qwen2-VL.
+        ceiling = f"{q_wall / (flops / peak):.2f}x" if peak >= 1e9 else "n/a"
+        rows.append([str(dtype).replace("torch.", ""), "(all model FLOPs at the measured matmul peak)",
+                     f"{flops / peak * 1000:.0f}" if peak >= 1e9 else "n/a", "", ceiling, "", "", "100%"])
+        print(f"  {dtype}: done ({flops / 1e9:.1f} GFLOP per forward, peak {peak / 1e9:.0f} GFLOP/s)",
+              file=sys.stderr)
     return markdown_table(["dtype", "encoder", "median wall ms", "patches/s (wall)", "vs Qwen2-VL (wall)",
-                           "median CPU s", "vs Qwen2-VL (CPU)"], rows)
+                           "median CPU s", "vs Qwen2-VL (CPU)", "MFU"], rows)
 
 
 def packing_strategies(args) -> str:
@@ -133,6 +150,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="depth 2, 3 repeats")
     parser.add_argument("--skip-packing", action="store_true")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     args = parser.parse_args()
     if args.quick:
         args.depth, args.repeats = 2, 3

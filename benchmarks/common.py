@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["interleaved_times", "interleaved_wall_and_cpu", "median", "machine_line", "markdown_table", "cpu_model"]
+__all__ = ["interleaved_times", "interleaved_wall_and_cpu", "median", "machine_line", "markdown_table", "cpu_model",
+           "mfu"]
 
 
 def interleaved_times(candidates: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1
@@ -85,3 +86,9 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def mfu(achieved: float, peak: float) -> str:
+    """Model FLOPs utilisation ``achieved / peak`` (FLOP/s) as a percentage; "n/a" where the dtype has no hardware
+    path (bf16 without avx512_bf16 measures a fallback below 1 GFLOP/s, which makes any ratio meaningless)."""
+    return f"{100 * achieved / peak:.1f}%" if peak >= 1e9 else "n/a (no fast path)"
