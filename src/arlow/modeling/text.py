@@ -227,22 +227,20 @@ class ArlowAttention(nn.Module):
         cos, sin = position_embeddings
         k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)
         v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
+        rows = hidden_states if query_last is None else hidden_states[:, -query_last:]
+        q = self.q_proj(rows).view(b, rows.shape[1], -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if query_last is None:
-            q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
             # One rotation over the query and key heads together: half the small kernels of a decode step.
             qk = apply_rotary(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin)
             q, k = qk.split((self.num_heads, self.num_key_value_heads), dim=1)
         else:
-            q = self.q_proj(hidden_states[:, -query_last:]).view(b, query_last, -1, self.head_dim)
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
             q = apply_rotary(q.transpose(1, 2), cos[..., -query_last:, :], sin[..., -query_last:, :])
             k = apply_rotary(k.transpose(1, 2), cos, sin)
             if attention_mask is not None:
                 attention_mask = attention_mask[..., -query_last:, :]
-            s = query_last
+        s = rows.shape[1]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
