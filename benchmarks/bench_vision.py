@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_wall_and_cpu, machine_line, markdown_table, median, mfu  # noqa: E402
 
 from arlow import ArlowVisionConfig, ArlowVLVisionModel  # noqa: E402
+from arlow.modeling.linear import set_onednn_linear  # noqa: E402
 from arlow.training.mfu import linear_flops, measure_matmul_peak, vit_forward_flops  # noqa: E402
 
 # (t, h, w) patch grids of eight images after an aspect-preserving resize to multiples of 28 px:
@@ -66,10 +67,19 @@ def random_pack(grids, patch_dim: int, dtype: torch.dtype):
     return torch.randn(int(grid.prod(dim=1).sum()), patch_dim).to(dtype), grid
 
 
+def without_onednn(run):
+    """``run()`` with Arlow's oneDNN linear path off: aten's ``F.linear``, as Qwen2-VL uses."""
+    previous = set_onednn_linear(False)
+    try:
+        return run()
+    finally:
+        set_onednn_linear(previous)
+
+
 def versus_qwen(args) -> str:
     rows = []
     labels = {"qwen": "Qwen2-VL vision (transformers)", "ours": "Arlow, no locality bias",
-              "ours+bias": "Arlow, locality bias on"}
+              "ours+bias": "Arlow, locality bias on", "ours-aten": "Arlow, no bias, aten linear (no oneDNN path)"}
     for dtype in (getattr(torch, name) for name in args.dtypes):
         torch.manual_seed(0)
         ours, qwen = build_models(args.depth, args.embed, args.heads, dtype)
@@ -80,6 +90,7 @@ def versus_qwen(args) -> str:
                 "qwen": lambda: qwen(pixels, grid_thw=grid),
                 "ours": lambda: ours[False](pixels, grid),
                 "ours+bias": lambda: ours[True](pixels, grid),
+                "ours-aten": lambda: without_onednn(lambda: ours[False](pixels, grid)),
             }, repeats=args.repeats)
         q_wall, q_cpu = median(wall["qwen"]), median(cpu["qwen"])
         flops, peak = encoder_flops(MIXED_IMAGES, ours[False].config), measure_matmul_peak(dtype)

@@ -231,6 +231,55 @@ def test_eager_equals_sdpa(bias, monkeypatch):
                                atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_blocked_attention_equals_the_formula(masked):
+    """Blocks of 128 query rows (here 300 rows: two full blocks and a partial one) against fp64 softmax attention;
+    in bf16 its error is of the order of PyTorch's fused kernel's."""
+    from arlow.modeling.vision import blocked_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 300, 16, generator=g) for _ in range(3))
+    mask = -torch.rand(2, 1, 300, 300, generator=g) * 4 if masked else None
+    scores = q.double() @ k.double().transpose(-1, -2) * 0.25 + (0 if mask is None else mask.double())
+    want = (torch.softmax(scores, -1) @ v.double()).transpose(1, 2)
+    got, weights = blocked_attention(None, q, k, v, mask, scaling=0.25)
+    assert weights is None and got.shape == (2, 300, 3, 16)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+
+    bf = [t.bfloat16() for t in (q, k, v)]
+    got_bf16, _ = blocked_attention(None, *bf, None if mask is None else mask.bfloat16(), scaling=0.25)
+    fused = F.scaled_dot_product_attention(*bf, attn_mask=None if mask is None else mask.bfloat16(), scale=0.25)
+    fused_error = (fused.transpose(1, 2).double() - want).abs().max()
+    assert got_bf16.dtype == torch.bfloat16
+    assert (got_bf16.double() - want).abs().max() <= 4 * fused_error + 1e-3
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_sdpa_inference_runs_blocked_attention(bias, monkeypatch):
+    import arlow.modeling.vision as vision
+
+    calls = []
+    real = vision.blocked_attention
+    monkeypatch.setattr(vision, "blocked_attention", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    monkeypatch.setattr(vision, "_ATTENTION_BLOCK_ROWS", 8)  # several blocks per item at the tiny sizes
+    rows, grid = pack(ITEMS)
+    reference = tiny_model("eager", use_deformable_attention=bias)(rows, grid).last_hidden_state
+    model = tiny_model("sdpa", use_deformable_attention=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        got = model(rows.bfloat16(), grid).last_hidden_state
+    assert calls and any(shape[-2] > 8 for shape in calls)  # some items span several blocks
+    n_calls = len(calls)
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(vision, "_use_blocked_attention", lambda *a: False)
+        fused = model(rows.bfloat16(), grid).last_hidden_state  # PyTorch's fused kernel, also in bf16
+    assert len(calls) == n_calls
+    # as close to the fp32 result as bf16 SDPA is
+    assert (got.float() - reference).abs().max() <= 1.5 * (fused.float() - reference).abs().max()
+    model(rows.bfloat16().requires_grad_(), grid).last_hidden_state.sum().backward()  # training: SDPA's kernel
+    model.float()(rows, grid)  # fp32: SDPA's kernel
+    assert len(calls) == n_calls
+
+
 @pytest.fixture
 def varlen_reference():
     """A pure-torch stand-in for flash attention's varlen kernel, registered under a name containing "flash"."""

@@ -35,6 +35,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput, can_return_tuple
 
 from ..configuration import ArlowConfig
+from .linear import Linear
 from .rope import get_rope_index, mrope_slot_axes
 from .text import ArlowTextModel
 from .vision import ArlowPreTrainedModel, ArlowVLVisionModel
@@ -428,7 +429,7 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
     def __init__(self, config: ArlowConfig):
         super().__init__(config)
         self.model = ArlowModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     @classmethod

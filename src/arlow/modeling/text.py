@@ -39,6 +39,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ..configuration import ArlowTextConfig
+from .linear import Linear, linear_then
 from .rope import apply_rotary, mrope_slot_axes, multi_axis_angles, rope_inv_freq
 
 __all__ = [
@@ -199,10 +200,10 @@ class ArlowAttention(nn.Module):
         self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
         width = config.hidden_size
         q_width, kv_width = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(width, q_width, bias=config.attention_bias)
-        self.k_proj = nn.Linear(width, kv_width, bias=config.attention_bias)
-        self.v_proj = nn.Linear(width, kv_width, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_width, width, bias=False)
+        self.q_proj = Linear(width, q_width, bias=config.attention_bias)
+        self.k_proj = Linear(width, kv_width, bias=config.attention_bias)
+        self.v_proj = Linear(width, kv_width, bias=config.attention_bias)
+        self.o_proj = Linear(q_width, width, bias=False)
         if config.use_qk_norm:
             self.q_norm = ArlowRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = ArlowRMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -266,14 +267,14 @@ class ArlowMLP(nn.Module):
 
     def __init__(self, config: ArlowTextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
         self.mlp_dropout = config.mlp_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        h = self.down_proj(linear_then(self.gate_proj, x, self.act_fn) * self.up_proj(x))
         return _dropout(h, self.mlp_dropout, self.training)
 
 
@@ -552,7 +553,7 @@ class ArlowForCausalLM(ArlowTextPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = ArlowTextModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     @can_return_tuple

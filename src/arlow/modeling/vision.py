@@ -34,6 +34,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import is_flash_attention_requested
 
 from ..configuration import ArlowConfig, ArlowVisionConfig
+from .linear import Linear, linear, linear_then
 from .rope import (
     cu_seqlens_from_lengths,
     mrope_slot_axes,
@@ -233,7 +234,7 @@ class ArlowVisionPatchEmbed(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight
-        return pixel_values.to(weight.dtype) @ weight.view(weight.shape[0], -1).t()
+        return linear(pixel_values.to(weight.dtype), weight.view(weight.shape[0], -1))
 
 
 class ArlowVisionRotaryEmbedding(nn.Module):
@@ -275,6 +276,39 @@ def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+# Query rows per block of :func:`blocked_attention`: a block's fp32 scores, (n, H, 128, L), stay in cache for the
+# softmax at the item lengths of images (RESULTS.md: 1.5-2.2x PyTorch's fused bf16 CPU kernel at L = 144-1024).
+_ATTENTION_BLOCK_ROWS = 128
+
+
+def blocked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float, **kwargs):
+    """Inference softmax attention in blocks of query rows, for bf16 on CPU. q/k/v ``(B, H, L, D)``, mask additive
+    ``(B, 1|H, L, L)``. Returns ``(out (B, L, H, D), None)``.
+
+    Both products are bf16 matrix products (oneDNN's bf16 kernels); the softmax runs in fp32 on one block of scores
+    at a time; the weights are rounded to bf16 for the second product, as in :func:`eager_attention_forward`.
+    PyTorch's fused CPU kernel (``F.scaled_dot_product_attention``) reaches only fp32 speed in bf16.
+    """
+    batch, heads, length, dim = query.shape
+    out = query.new_empty(batch, length, heads, dim)
+    key_t = key.transpose(-1, -2)
+    for start in range(0, length, _ATTENTION_BLOCK_ROWS):
+        rows = slice(start, start + _ATTENTION_BLOCK_ROWS)
+        scores = torch.matmul(query[:, :, rows], key_t).float().mul_(scaling)  # (B, H, rows, L)
+        if attention_mask is not None:
+            scores.add_(attention_mask[..., rows, :])
+        weights = torch.softmax(scores, dim=-1).to(value.dtype)
+        out[:, rows] = torch.matmul(weights, value).transpose(1, 2)
+    return out, None
+
+
+def _use_blocked_attention(config: ArlowVisionConfig, query: torch.Tensor) -> bool:
+    """sdpa inference in bf16 on CPU: :func:`blocked_attention` is faster than PyTorch's fused kernel there."""
+    return (config._attn_implementation == "sdpa" and query.device.type == "cpu" and query.dtype == torch.bfloat16
+            and not (torch.is_grad_enabled() and query.requires_grad))
+
+
 class ArlowVLAttention(nn.Module):
     """Multi-head self-attention over a packed sequence with 3-D RoPE, confined to each item.
 
@@ -289,8 +323,8 @@ class ArlowVLAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = False  # read by the SDPA integration: without it, mask-free calls would run causal
         self.num_key_value_groups = 1
-        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
-        self.proj = nn.Linear(config.embed_dim, config.embed_dim)
+        self.qkv = Linear(config.embed_dim, 3 * config.embed_dim)
+        self.proj = Linear(config.embed_dim, config.embed_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: _PackedLayout) -> torch.Tensor:
         """``x (N, E)``, ``cos/sin (N, D/2)`` -> ``(N, E)``."""
@@ -314,6 +348,8 @@ class ArlowVLAttention(nn.Module):
                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=layout.max_length, max_length_k=layout.max_length,
             )
             return self.proj(out.reshape(n_rows, width))
+        if _use_blocked_attention(self.config, q):
+            attention = blocked_attention
         outs = []
         for seg in layout.segments:
             rows = slice(seg.start, seg.stop)
@@ -337,13 +373,13 @@ class ArlowVLBlock(GradientCheckpointingLayer):
         self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self.attn = ArlowVLAttention(config)
-        self.fc1 = nn.Linear(config.embed_dim, hidden)
+        self.fc1 = Linear(config.embed_dim, hidden)
         self.act = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(hidden, config.embed_dim)
+        self.fc2 = Linear(hidden, config.embed_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: _PackedLayout) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, layout)
-        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+        return x + self.fc2(linear_then(self.fc1, self.norm2(x), self.act))
 
 
 class ArlowVLPatchMerger(nn.Module):
@@ -355,13 +391,14 @@ class ArlowVLPatchMerger(nn.Module):
         self.merged_dim = config.embed_dim * config.spatial_merge_size**2
         self.ln_q = nn.LayerNorm(self.merged_dim, eps=1e-6)
         self.mlp = nn.Sequential(
-            nn.Linear(self.merged_dim, self.merged_dim),
+            Linear(self.merged_dim, self.merged_dim),
             nn.GELU(),
-            nn.Linear(self.merged_dim, config.hidden_size),
+            Linear(self.merged_dim, config.hidden_size),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln_q(x.reshape(-1, self.merged_dim)))
+        fc1, act, fc2 = self.mlp
+        return fc2(linear_then(fc1, self.ln_q(x.reshape(-1, self.merged_dim)), act))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,7 +451,7 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         self.blocks = nn.ModuleList(ArlowVLBlock(config) for _ in range(config.depth))
         self.merger = ArlowVLPatchMerger(config)
         if config.use_progressive_patches:
-            self.progressive_proj = nn.Linear(config.embed_dim, config.embed_dim)
+            self.progressive_proj = Linear(config.embed_dim, config.embed_dim)
         if config.deepstack_visual_indexes:
             self.deepstack_mergers = nn.ModuleList(
                 ArlowVLPatchMerger(config) for _ in config.deepstack_visual_indexes

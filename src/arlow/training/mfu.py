@@ -3,7 +3,8 @@
 Counting convention: one multiply-add is 2 FLOPs; a training step costs 3x the forward (backward = 2x forward),
 without activation recompute. MFU = achieved model FLOPs per second / peak FLOPs per second of the devices used,
 where the peak is *measured* on this machine with a large square matmul (the best any model can do), not a
-datasheet number. Per-layer formula (T tokens, width D, MLP hidden F, peers-and-anchors C.1)::
+datasheet number; on CPUs, the faster of aten's matmul and oneDNN's (on AMD processors aten's fp32 matmul, MKL, runs
+at about half oneDNN's speed; see :mod:`arlow.modeling.linear`). Per-layer formula (T tokens, width D, MLP hidden F, peers-and-anchors C.1)::
 
     fwd_layer = 8*T*D^2 (qkv + out projections) + 4*T*D*F (GELU MLP; 6*T*D*F for SwiGLU) + 4*T^2*D (scores, attn@V)
 
@@ -13,9 +14,11 @@ For packed variable-length sequences the attention term is ``4 * D * sum_i T_i^2
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+
+from ..modeling.linear import onednn_linear, onednn_supports
 
 TRAIN_FLOPS_MULTIPLIER = 3.0  # forward + backward (2x forward)
 
@@ -64,7 +67,8 @@ def dense_train_flops(num_params: int, tokens: int) -> float:
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", size: int | None = None) -> float:
-    """Measured FLOP/s of a square ``size x size`` matmul on ``device`` in ``dtype`` (best of a few timed runs).
+    """Measured FLOP/s of a square ``size x size`` matmul on ``device`` in ``dtype`` (best of a few timed runs; on CPU
+    the faster of ``torch.matmul`` and oneDNN).
 
     Cached per (dtype, device, size) for the life of the process, so the engine pays for it once. ``size`` defaults
     to 2048 on CPU and 8192 on GPUs (large enough to reach the tensor-core peak). Uses a private random generator so
@@ -85,24 +89,31 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    torch.matmul(a, b)  # warm-up: kernel selection, page faults
+    kernels = [lambda: torch.matmul(a, b)]
+    if device.type == "cpu" and onednn_supports(dtype):
+        kernels.append(lambda: onednn_linear(a, b))  # a @ b.T: the same FLOPs through oneDNN
+    best = min(_best_time(kernel, sync) for kernel in kernels)
+    peak = flops / best
+    _PEAK_CACHE[key] = peak
+    return peak
+
+
+def _best_time(kernel: Callable[[], object], sync: Callable[[], None]) -> float:
+    """Seconds per call of ``kernel``: ~0.2 s per timing (at least one call), best of 3 timings."""
+    kernel()  # warm-up: kernel selection, page faults
     sync()
-    # Enough repetitions for ~0.2 s per timing (at least 1), best of 3 timings: the least-disturbed run.
     start = time.perf_counter()
-    torch.matmul(a, b)
+    kernel()
     sync()
-    one = max(time.perf_counter() - start, 1e-9)
-    reps = max(1, int(0.2 / one))
+    reps = max(1, int(0.2 / max(time.perf_counter() - start, 1e-9)))
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         for _ in range(reps):
-            torch.matmul(a, b)
+            kernel()
         sync()
         best = min(best, (time.perf_counter() - start) / reps)
-    peak = flops / best
-    _PEAK_CACHE[key] = peak
-    return peak
+    return best
 
 
 def model_flops_utilisation(flops: float, seconds: float, peak_flops_per_s: float) -> float:
