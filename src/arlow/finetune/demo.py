@@ -48,7 +48,7 @@ class DemoSettings:
 
 FULL = DemoSettings()
 SHORT = DemoSettings(train_images=160, train_clips=160, eval_images=48, eval_clips=24, pretrain_steps=20,
-                     align_steps=30, sft_steps=600)
+                     align_steps=30, sft_steps=1000)
 
 
 def _recipe(name: str) -> str:
