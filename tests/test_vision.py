@@ -280,6 +280,43 @@ def test_bf16_sdpa_inference_runs_blocked_attention(bias, monkeypatch):
     assert len(calls) == n_calls
 
 
+@pytest.mark.parametrize("packing", PACKING_STRATEGIES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_frame_attention_equals_each_temporal_slice_run_as_an_image(packing, bias):
+    """Under ``video_attention="frame"`` a video's temporal slices attend within themselves. RoPE scores depend only
+    on offsets, so each slice must give what the same rows give as a one-slice item (an image) - other items too."""
+    model = tiny_model(use_deformable_attention=bias, use_progressive_patches=True, deepstack_visual_indexes=[0],
+                       video_attention="frame")
+    model.attention_packing = packing
+    rows, grid = pack(ITEMS)
+    slices = [ITEMS[2][i:i + TP] for i in range(0, 6, TP)]  # the 6-frame clip as three 2-frame items
+    as_images = ITEMS[:2] + slices + ITEMS[3:]
+    rows_i, grid_i = pack(as_images)
+    assert torch.equal(rows, rows_i) and grid_i.shape[0] == len(ITEMS) + 2
+    with torch.no_grad():
+        out, want = model(rows, grid), model(rows_i, grid_i)
+    torch.testing.assert_close(out.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.deepstack_features[0], want.deepstack_features[0], atol=1e-5, rtol=1e-5)
+
+    model.config.video_attention = "clip"  # the default: the clip attends as a whole, so its tokens change
+    with torch.no_grad():
+        clip_out = model(rows, grid).last_hidden_state
+    video_tokens = slice(int(grid[:2].prod(-1).sum()) // 4, int(grid[:3].prod(-1).sum()) // 4)
+    assert not torch.allclose(clip_out[video_tokens], out.last_hidden_state[video_tokens], atol=1e-3)
+    torch.testing.assert_close(clip_out[: video_tokens.start], out.last_hidden_state[: video_tokens.start])
+
+
+def test_temporal_slice_lengths():
+    from arlow.modeling.vision import temporal_slice_lengths
+
+    t = torch.tensor([0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1])
+    assert temporal_slice_lengths(t, [6, 4, 2]) == [3, 3, 4, 2]  # an image is one slice; items never merge
+    with pytest.raises(ValueError, match="grouped by temporal slice"):
+        temporal_slice_lengths(torch.tensor([0, 1, 0, 1]), [4])
+    with pytest.raises(ValueError, match="video_attention"):
+        tiny_config(video_attention="window")
+
+
 @pytest.fixture
 def varlen_reference():
     """A pure-torch stand-in for flash attention's varlen kernel, registered under a name containing "flash"."""
@@ -313,6 +350,18 @@ def test_flash_path_is_one_varlen_call_per_layer(varlen_reference):
     lengths = grid.prod(dim=1).tolist()
     cu = [0] + torch.tensor(lengths).cumsum(0).tolist()
     assert varlen_reference == [(cu, max(lengths))] * model.config.depth
+
+
+def test_flash_path_with_frame_attention_splits_the_clip(varlen_reference):
+    rows, grid = pack(ITEMS)
+    model = tiny_model(video_attention="frame")
+    want = model(rows, grid).last_hidden_state
+    model.config._attn_implementation = "flash_varlen_reference"
+    torch.testing.assert_close(model(rows, grid).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+    per_slice = grid[:, 1:].prod(dim=1)
+    lengths = torch.repeat_interleave(per_slice, grid[:, 0]).tolist()  # the 3-slice video: three units
+    assert len(lengths) == len(ITEMS) + 2
+    assert varlen_reference[0] == ([0] + torch.tensor(lengths).cumsum(0).tolist(), max(lengths))
 
 
 def test_flash_with_locality_bias_raises(varlen_reference):

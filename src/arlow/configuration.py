@@ -80,6 +80,9 @@ class ArlowVisionConfig(PreTrainedConfig):
         deformable_attention_window: radius (in normalised (t, h, w) coordinates of each item) beyond which
             scores get an extra ``-100 * strength`` (effectively masked). ``<= 0`` disables the cut-off.
         deformable_attention_strength: slope of the ``-strength * distance`` decay.
+        video_attention: ``"clip"`` (default): every patch of a video attends to the whole clip. ``"frame"``: to
+            its own temporal slice only, as Qwen2-VL's encoder does - ``1/t`` of the attention scores of a clip of
+            ``t`` temporal patches, with time mixed only inside each temporal patch (and later by the LM).
         use_progressive_patches: add a learned projection of the ``s x s``-pooled patch embeddings (a coarser
             scale) to every patch before block 0.
         deepstack_visual_indexes: blocks after which a DeepStack merger taps the hidden states. ``None`` derives
@@ -106,6 +109,7 @@ class ArlowVisionConfig(PreTrainedConfig):
     use_deformable_attention: bool = True
     deformable_attention_window: float = 0.25
     deformable_attention_strength: float = 4.0
+    video_attention: str = "clip"
     use_progressive_patches: bool = True
     deepstack_visual_indexes: list[int] | None = None
     mrope_sections: list[int] | None = None
@@ -130,6 +134,8 @@ class ArlowVisionConfig(PreTrainedConfig):
             raise ValueError(f"ArlowVisionConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
         if self.deformable_attention_strength < 0:
             raise ValueError("ArlowVisionConfig.deformable_attention_strength must be >= 0")
+        if self.video_attention not in ("clip", "frame"):
+            raise ValueError(f"ArlowVisionConfig.video_attention must be 'clip' or 'frame', got {self.video_attention!r}")
         if self.deepstack_visual_indexes is None:
             self.deepstack_visual_indexes = default_deepstack_indexes(self.depth)
         else:

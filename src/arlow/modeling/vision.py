@@ -115,6 +115,28 @@ def locality_bias(coords: torch.Tensor, strength: float, window: float) -> torch
 # The packed-attention layout: how the rows of a pack are split into attention calls
 
 
+def temporal_slice_lengths(t_positions: torch.Tensor, lengths: list[int]) -> list[int]:
+    """Rows of each (item, temporal slice) run, in row order: the attention units of ``video_attention="frame"``.
+
+    Args:
+        t_positions: ``(N,)`` temporal coordinate of every row.
+        lengths: rows per item (summing to ``N``).
+    Returns:
+        One length per temporal slice of every item (an image is one slice).
+    Raises:
+        ValueError: an item's rows are not grouped by temporal slice (a slice's rows must be contiguous).
+    """
+    item = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(t_positions.device)
+    key = item * (int(t_positions.max()) + 1) + t_positions
+    runs, counts = torch.unique_consecutive(key, return_counts=True)
+    if runs.numel() != torch.unique(key).numel():
+        raise ValueError(
+            "video_attention='frame' needs each item's rows grouped by temporal slice (all rows of t=0, then t=1, "
+            "...), as the processors and the MAE masking produce them; got a temporal slice split into several runs"
+        )
+    return counts.tolist()
+
+
 @dataclass
 class _Segment:
     """``count`` items of ``length`` rows each, contiguous from row ``start``, attended in one batched call."""
@@ -150,7 +172,8 @@ def _build_layout(lengths: list[int], coords: torch.Tensor | None, strategy: str
     """Plan the attention calls for items of ``lengths`` rows.
 
     Args:
-        lengths: rows per item, in input order.
+        lengths: rows per attention unit (an item, or one temporal slice of it under ``video_attention="frame"``),
+            in input order.
         coords: ``(N, 3)`` normalised coordinates (input order) when the locality bias is on, else ``None``.
         strategy: one of :data:`PACKING_STRATEGIES` (ignored under flash attention: one varlen call).
         dtype: dtype of the attention scores (masks are cast to it).
@@ -608,7 +631,10 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         if cfg.use_deformable_attention:
             extents = torch.repeat_interleave(grid, torch.tensor(lengths), dim=0).to(device)
             coords = normalized_coordinates(positions, extents)
-        layout = _build_layout(lengths, coords, self.attention_packing, cfg, x.dtype, device, merge_rows,
+        units = lengths  # rows that attend to each other
+        if cfg.video_attention == "frame" and bool((grid[:, 0] > 1).any()):
+            units = temporal_slice_lengths(positions[:, 0], lengths)
+        layout = _build_layout(units, coords, self.attention_packing, cfg, x.dtype, device, merge_rows,
                                flash=is_flash_attention_requested(cfg))
         cos, sin = self.rotary_pos_emb(positions)
         if layout.order is not None:
