@@ -31,6 +31,7 @@ from common import machine_line, markdown_table, median
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import arlow  # noqa: F401
+from arlow.modeling.linear import pack_weights
 from arlow import ArlowForCausalLM
 from arlow.modeling.convert_llm import convert_llm
 
@@ -89,9 +90,13 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--packed", action="store_true",
+                        help="Arlow with oneDNN-packed weights (arlow.modeling.linear.pack_weights)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     ours32, qwen32 = build_pair(args)
+    if args.packed:
+        pack_weights(ours32)  # re-packed after each .to(dtype): the pack follows the weight
     print(f"# {machine_line()}; hidden {args.hidden}, {args.layers} layers, heads {args.hidden // 64}/"
           f"{args.kv_heads}, head_dim 64, vocab {args.vocab}, prompt {args.prompt}, {args.new} new tokens, "
           f"{args.reps} interleaved reps, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)

@@ -39,6 +39,7 @@ from common import interleaved_times, machine_line, markdown_table, median
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
 import arlow  # noqa: F401
+from arlow.modeling.linear import pack_weights
 from arlow import ArlowConfig, ArlowForConditionalGeneration
 
 
@@ -148,6 +149,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--kinds", nargs="+", default=["image", "video"])
+    parser.add_argument("--packed", action="store_true",
+                        help="Arlow with oneDNN-packed weights (arlow.modeling.linear.pack_weights)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -163,6 +166,10 @@ def main(argv=None) -> None:
     base[FRAME].load_state_dict(base["arlow"].state_dict())  # "arlow" with Qwen2-VL's per-slice video attention
     for model in base.values():
         model.generation_config.eos_token_id = None
+    if args.packed:
+        for name, model in base.items():
+            if name.startswith("arlow"):
+                pack_weights(model)  # re-packed after each .to(dtype): the pack follows the weight
     params = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in base.items()}
     print(f"# {machine_line()}; params (M) {', '.join(f'{k} {v:.1f}' for k, v in params.items())}; "
           f"{args.reps} interleaved reps, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)

@@ -12,7 +12,7 @@ from transformers.activations import ACT2FN
 
 from arlow import ArlowTextConfig, ArlowTextModel, ArlowVisionConfig, ArlowVLVisionModel
 from arlow.modeling import linear as lin
-from arlow.modeling.linear import Linear, linear, linear_then, onednn_supports, set_onednn_linear
+from arlow.modeling.linear import Linear, linear, linear_then, onednn_supports, pack_weights, set_onednn_linear
 
 pytestmark = pytest.mark.skipif(not onednn_supports(torch.float32), reason="this PyTorch build has no oneDNN")
 
@@ -164,3 +164,49 @@ def test_text_model_same_outputs_with_onednn(onednn_calls):
     plain, fast = _outputs_with_and_without(model, lambda m: m(ids).last_hidden_state)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     assert onednn_calls.count("swish") == 2 and len(onednn_calls) == 2 * 7  # q, k, v, o, gate + SiLU, up, down
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_the_same_outputs_and_follow_weight_changes(onednn_calls, dtype):
+    if not onednn_supports(dtype):
+        pytest.skip("no oneDNN kernels for this dtype here")
+    torch.manual_seed(0)
+    layer = Linear(64, 96).to(dtype)
+    x = torch.randn(5, 64).to(dtype)
+    with torch.no_grad():
+        plain = layer(x, activation=nn.GELU())
+        assert pack_weights(layer) == 1
+        packed = layer(x, activation=nn.GELU())
+        torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+        stored = lin._PACKS[layer][1]
+        assert layer(x) is not None and lin._PACKS[layer][1] is stored  # packed once, reused
+
+        layer.weight.mul_(2)  # an in-place change (an optimiser step): the pack is refreshed, never stale
+        doubled = layer(x)
+        torch.testing.assert_close(doubled, F.linear(x, layer.weight, layer.bias), rtol=1e-2, atol=1e-2)
+        assert lin._PACKS[layer][1] is not stored
+        layer.load_state_dict({"weight": torch.zeros(96, 64).to(dtype), "bias": torch.zeros(96).to(dtype)})
+        assert torch.count_nonzero(layer(x)) == 0
+
+        assert pack_weights(layer, enabled=False) == 1 and layer not in lin._PACKS
+    assert set(onednn_calls) == {"gelu", "none"}
+
+
+def test_pack_weights_counts_the_model_s_layers():
+    config = ArlowTextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    assert pack_weights(ArlowTextModel(config)) == 2 * 7
+
+
+def test_the_documented_packing_example_runs():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cpu-inference.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "pack_weights(model)" in b]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/cpu-inference.md", "exec"), namespace)
+    assert namespace["out"].shape == (1, 24)
+    assert all(layer in lin._PACKS for layer in namespace["model"].modules() if type(layer) is Linear)
+    pack_weights(namespace["model"], enabled=False)
