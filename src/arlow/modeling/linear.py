@@ -122,8 +122,8 @@ def pack_weights(model: nn.Module, enabled: bool = True) -> int:
     """Keep a oneDNN-packed copy of the weight of every arlow :class:`Linear` in ``model`` for CPU inference.
 
     Unpacked, oneDNN re-lays the weight out on every call; for a bf16 layer that costs more than the product at a
-    few rows: packed, one decode step's ``lm_head`` (32000 x 512, one row) took 0.53 ms instead of 1.5 ms, the
-    decoder's projections 1.6-2.1x less; from a few hundred rows on it makes no difference (RESULTS.md). The
+    few rows: packed, one decode step's ``lm_head`` (32000 x 512, one row) took 0.40 ms instead of 1.1 ms, the
+    decoder's projections 1.6-2.0x less; from a few hundred rows on it makes no difference (RESULTS.md). The
     cost is memory: a second copy of every weight, made at the first inference call after packing and again after
     the weight changes (in place or replaced). ``enabled=False`` drops the copies. Returns the number of layers.
     """
