@@ -3,7 +3,7 @@
 PyTorch has two CPU GEMM libraries. ``F.linear`` in fp32 calls MKL's sgemm; on AMD processors MKL takes a code path
 that runs at about half the speed of oneDNN (PyTorch's other CPU library, which aten already uses for bf16): on a
 2-core AMD EPYC with AVX-512, a ``(3632, 512) x (512, 2048)`` product took 41 ms through ``F.linear`` and 19 ms
-through oneDNN, and the 32000-wide ``lm_head`` at one row 4.7 ms against 1.8 ms (``benchmarks/RESULTS.md``). oneDNN
+through oneDNN, and the 32000-wide ``lm_head`` at one row 4.7 ms against 1.8 ms (``benchmarks/bench_kernels.py``). oneDNN
 also applies bias and activation in the GEMM's epilogue, while the tile is still in cache, instead of two more
 passes over the output (in bf16 that saves ~4.5 ms of a 16 ms ``fc1`` + GELU).
 
@@ -12,6 +12,8 @@ not under ``torch.compile`` - :class:`Linear` calls ``torch.ops.mkldnn._linear_p
 (training, GPUs, tensor subclasses, other dtypes) takes ``F.linear`` unchanged, so gradients and GPU numerics never
 differ. The two paths agree to fp32 rounding (~1e-6 relative), not bitwise: they sum in different orders.
 :func:`set_onednn_linear` (or ``ARLOW_ONEDNN_LINEAR=0`` in the environment) turns the oneDNN path off.
+:func:`pack_weights` (opt-in: it costs a second copy of the weights) keeps oneDNN-packed weights, which is what
+makes bf16 at a few rows - decode steps - faster than aten.
 
 :class:`Linear` keeps ``nn.Linear``'s parameters and state-dict keys, so checkpoints, PEFT (which wraps any
 ``nn.Linear``) and ``_init_weights`` see an ordinary linear layer. :func:`linear_then` fuses an activation only when
@@ -52,7 +54,7 @@ def onednn_linear_enabled() -> bool:
 
 
 def onednn_supports(dtype: torch.dtype) -> bool:
-    """Whether this PyTorch build and CPU have oneDNN linear kernels for ``dtype`` (fp32; bf16 where the CPU has them)."""
+    """Whether this PyTorch build and CPU have oneDNN linear kernels for ``dtype`` (fp32; bf16 where supported)."""
     return _ONEDNN_OP is not None and dtype in _ONEDNN_DTYPES
 
 
@@ -86,7 +88,8 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return False
     if x.dtype not in _ONEDNN_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if needs_grad and torch.is_grad_enabled():
         return False
     return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
 

@@ -4,7 +4,8 @@ Counting convention: one multiply-add is 2 FLOPs; a training step costs 3x the f
 without activation recompute. MFU = achieved model FLOPs per second / peak FLOPs per second of the devices used,
 where the peak is *measured* on this machine with a large square matmul (the best any model can do), not a
 datasheet number; on CPUs, the faster of aten's matmul and oneDNN's (on AMD processors aten's fp32 matmul, MKL, runs
-at about half oneDNN's speed; see :mod:`arlow.modeling.linear`). Per-layer formula (T tokens, width D, MLP hidden F, peers-and-anchors C.1)::
+at about half oneDNN's speed; see :mod:`arlow.modeling.linear`). Per-layer formula (T tokens, width D, MLP hidden F,
+peers-and-anchors C.1)::
 
     fwd_layer = 8*T*D^2 (qkv + out projections) + 4*T*D*F (GELU MLP; 6*T*D*F for SwiGLU) + 4*T^2*D (scores, attn@V)
 
