@@ -299,8 +299,8 @@ def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-# Query rows per block of :func:`blocked_attention`: a block's fp32 scores, (n, H, 128, L), stay in cache for the
-# softmax at the item lengths of images (RESULTS.md: 1.5-2.2x PyTorch's fused bf16 CPU kernel at L = 144-1024).
+# Query rows per block of :func:`blocked_attention`: a block's bf16 scores, (n, H, 128, L), stay in cache for the
+# softmax at the item lengths of images (bench_kernels.py: 1.3-2.2x PyTorch's fused bf16 CPU kernel, L = 144-1024).
 _ATTENTION_BLOCK_ROWS = 128
 
 
