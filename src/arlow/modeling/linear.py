@@ -49,10 +49,6 @@ def set_onednn_linear(enabled: bool) -> bool:
     return previous
 
 
-def onednn_linear_enabled() -> bool:
-    return _enabled
-
-
 def onednn_supports(dtype: torch.dtype) -> bool:
     """Whether this PyTorch build and CPU have oneDNN linear kernels for ``dtype`` (fp32; bf16 where supported)."""
     return _ONEDNN_OP is not None and dtype in _ONEDNN_DTYPES
@@ -142,9 +138,9 @@ def pack_weights(model: nn.Module, enabled: bool = True) -> int:
 def _weight_for_onednn(layer: "Linear") -> torch.Tensor:
     """The layer's packed weight when it has packing on (re-packed if the weight changed), else the weight."""
     weight = layer.weight
-    if layer not in _PACKS:
+    entry = _PACKS.get(layer, weight)
+    if entry is weight:  # packing is off for this layer
         return weight
-    entry = _PACKS[layer]
     # The source is kept alive, so no other tensor can reuse its address: same address + same version counter =
     # the same, unmodified values (``.to()`` swaps in new storage; optimisers and ``load_state_dict`` bump the
     # version).
