@@ -231,27 +231,58 @@ def test_eager_equals_sdpa(bias, monkeypatch):
                                atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_blocked_attention_equals_the_formula(masked):
-    """Blocks of 128 query rows (here 300 rows: two full blocks and a partial one) against fp64 softmax attention;
-    in bf16 its error is of the order of PyTorch's fused kernel's."""
-    from arlow.modeling.vision import blocked_attention
+def test_attention_blocks_fit_the_budget():
+    from arlow.modeling.vision import attention_blocks
 
+    assert attention_blocks(heads=24, length=1024, element_size=2, budget=2 << 20) == (1, 1024)
+    assert attention_blocks(heads=24, length=256, element_size=2, budget=2 << 20) == (16, 256)
+    assert attention_blocks(heads=16, length=4096, element_size=2, budget=2 << 20) == (1, 256)
+    assert attention_blocks(heads=6, length=100, element_size=2, budget=1 << 30) == (6, 100)  # everything at once
+    assert attention_blocks(heads=6, length=100, element_size=2, budget=1) == (1, 16)  # at least 16 rows
+
+
+@pytest.mark.parametrize("mask_heads", [None, 1, 3])
+@pytest.mark.parametrize("budget", [1 << 30, 2 * 300 * 300 * 4, 32 * 300 * 4])
+def test_blocked_attention_equals_the_formula(mask_heads, budget, monkeypatch):
+    """Against fp64 softmax attention with no mask, a mask shared by the heads and a per-head mask. In fp32 (3
+    heads, 300 rows): one block; blocks of 2 heads x 300 rows (a full head block and a partial one); blocks of
+    1 head x 32 rows (nine full row blocks and a partial one). In bf16 its error is of the order of PyTorch's fused
+    kernel's."""
+    import arlow.modeling.vision as vision
+
+    monkeypatch.setattr(vision, "_ATTENTION_BLOCK_BYTES", budget)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 300, 16, generator=g) for _ in range(3))
-    mask = -torch.rand(2, 1, 300, 300, generator=g) * 4 if masked else None
+    mask = None if mask_heads is None else -torch.rand(2, mask_heads, 300, 300, generator=g) * 4
     scores = q.double() @ k.double().transpose(-1, -2) * 0.25 + (0 if mask is None else mask.double())
     want = (torch.softmax(scores, -1) @ v.double()).transpose(1, 2)
-    got, weights = blocked_attention(None, q, k, v, mask, scaling=0.25)
+    got, weights = vision.blocked_attention(None, q, k, v, mask, scaling=0.25)
     assert weights is None and got.shape == (2, 300, 3, 16)
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
 
     bf = [t.bfloat16() for t in (q, k, v)]
-    got_bf16, _ = blocked_attention(None, *bf, None if mask is None else mask.bfloat16(), scaling=0.25)
+    got_bf16, _ = vision.blocked_attention(None, *bf, None if mask is None else mask.bfloat16(), scaling=0.25)
     fused = F.scaled_dot_product_attention(*bf, attn_mask=None if mask is None else mask.bfloat16(), scale=0.25)
     fused_error = (fused.transpose(1, 2).double() - want).abs().max()
     assert got_bf16.dtype == torch.bfloat16
     assert (got_bf16.double() - want).abs().max() <= 4 * fused_error + 1e-3
+
+
+def test_blocked_attention_workspace_is_kept_and_works_in_both_no_grad_modes():
+    """The scores/weights workspace is made once per thread and reused (no fresh pages per call); made under
+    inference mode it still takes in-place writes under no_grad, and the other way round."""
+    import arlow.modeling.vision as vision
+
+    q, k, v = (torch.randn(1, 4, 200, 16).bfloat16() for _ in range(3))
+    with torch.inference_mode():
+        first, _ = vision.blocked_attention(None, q, k, v, None, scaling=0.25)
+        pointer = vision._workspace.buffer.data_ptr()
+    with torch.no_grad():
+        second, _ = vision.blocked_attention(None, q, k, v, None, scaling=0.25)
+    assert vision._workspace.buffer.data_ptr() == pointer
+    assert torch.equal(first, second)
+    scores, weights = vision._attention_workspace(1000, torch.bfloat16)
+    assert weights.data_ptr() - scores.data_ptr() == (1000 + vision._WORKSPACE_GAP) * 2  # not a power of two apart
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -261,13 +292,13 @@ def test_bf16_sdpa_inference_runs_blocked_attention(bias, monkeypatch):
     calls = []
     real = vision.blocked_attention
     monkeypatch.setattr(vision, "blocked_attention", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
-    monkeypatch.setattr(vision, "_ATTENTION_BLOCK_ROWS", 8)  # several blocks per item at the tiny sizes
+    monkeypatch.setattr(vision, "_ATTENTION_BLOCK_BYTES", 1)  # blocks of one head x 16 rows at the tiny sizes
     rows, grid = pack(ITEMS)
     reference = tiny_model("eager", use_deformable_attention=bias)(rows, grid).last_hidden_state
     model = tiny_model("sdpa", use_deformable_attention=bias).to(torch.bfloat16)
     with torch.no_grad():
         got = model(rows.bfloat16(), grid).last_hidden_state
-    assert calls and any(shape[-2] > 8 for shape in calls)  # some items span several blocks
+    assert calls and any(shape[-2] > 16 for shape in calls)  # some items span several blocks
     n_calls = len(calls)
     with monkeypatch.context() as patch, torch.no_grad():
         patch.setattr(vision, "_use_blocked_attention", lambda *a: False)

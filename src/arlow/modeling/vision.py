@@ -21,6 +21,7 @@ items once so that such groups are contiguous and restores the caller's order at
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -299,32 +300,73 @@ def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-# Query rows per block of :func:`blocked_attention`: a block's bf16 scores, (n, H, 128, L), stay in cache for the
-# softmax at the item lengths of images (bench_kernels.py: 1.3-2.2x PyTorch's fused bf16 CPU kernel, L = 144-1024).
-_ATTENTION_BLOCK_ROWS = 128
+# Bytes of bf16 scores per block of :func:`blocked_attention` (heads x query rows x L): about the L2 cache of this
+# 2-core host. Smaller blocks pay per-call overhead, larger ones spill the softmax out of cache (bench_kernels.py:
+# 2 MiB was the best or within 10% of it at L = 256-4096 with 6-24 heads, on 1 and 2 threads).
+_ATTENTION_BLOCK_BYTES = 2 << 20
+
+
+def attention_blocks(heads: int, length: int, element_size: int, budget: int) -> tuple[int, int]:
+    """``(heads per block, query rows per block)`` of :func:`blocked_attention`: as many query rows as fit
+    ``budget`` bytes of scores (at least 16, at most ``length``), then as many heads as fit with them."""
+    per_row = length * element_size
+    rows = max(16, min(length, budget // per_row))
+    return max(1, min(heads, budget // (rows * per_row))), rows
+
+
+_workspace = threading.local()
+# Elements between the two workspace buffers: 17 cache lines of bf16. Buffers a power of two apart make the softmax
+# read and write addresses that share cache sets (measured: 1.8x slower at L = 1024).
+_WORKSPACE_GAP = 544
+
+
+def _attention_workspace(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two flat CPU buffers of ``numel`` elements (scores, weights), carved from one kept per thread between calls.
+
+    Fresh megabyte tensors each block would come from glibc as new pages: 1,500-2,700 page faults per call were
+    measured, 2-4x the attention's time (docs/cpu-inference.md). Made outside inference mode, so that in-place
+    writes are allowed under both ``torch.no_grad()`` and ``torch.inference_mode()``.
+    """
+    buffer = getattr(_workspace, "buffer", None)
+    if buffer is None or buffer.numel() < 2 * numel + _WORKSPACE_GAP or buffer.dtype != dtype:
+        with torch.inference_mode(False):
+            buffer = torch.empty(2 * numel + _WORKSPACE_GAP, dtype=dtype)
+        _workspace.buffer = buffer
+    return buffer[:numel], buffer[numel + _WORKSPACE_GAP: 2 * numel + _WORKSPACE_GAP]
 
 
 def blocked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float, **kwargs):
-    """Inference softmax attention in blocks of query rows, for bf16 on CPU. q/k/v ``(B, H, L, D)``, mask additive
-    ``(B, 1|H, L, L)``. Returns ``(out (B, L, H, D), None)``.
+    """Inference softmax attention in blocks of (heads, query rows), for bf16 on CPU. q/k/v ``(B, H, L, D)``, mask
+    additive ``(B, 1|H, L, L)``. Returns ``(out (B, L, H, D), None)``.
 
     Both products are bf16 matrix products (oneDNN's bf16 kernels) and the scores stay bf16, as in eager bf16
     attention; CPU softmax accumulates bf16 input in fp32 and rounds the weights to bf16, which the second product
     needs anyway (converting the scores to fp32 first changes the weights by < 1e-5 without a mask and cost up to
     2x the time). PyTorch's fused CPU kernel (``F.scaled_dot_product_attention``) reaches only fp32 speed in bf16.
+    A block's scores (:data:`_ATTENTION_BLOCK_BYTES`) stay in cache between the products and the softmax.
     """
     batch, heads, length, dim = query.shape
-    out = query.new_empty(batch, length, heads, dim)
+    out = query.new_empty(batch, heads, length, dim)
     key_t = key.transpose(-1, -2)
-    for start in range(0, length, _ATTENTION_BLOCK_ROWS):
-        rows = slice(start, start + _ATTENTION_BLOCK_ROWS)
-        scores = torch.matmul(query[:, :, rows], key_t).mul_(scaling)  # (B, H, rows, L)
-        if attention_mask is not None:
-            scores.add_(attention_mask[..., rows, :])
-        weights = torch.softmax(scores, dim=-1)  # bf16 in and out, fp32 inside the kernel
-        out[:, rows] = torch.matmul(weights, value).transpose(1, 2)
-    return out, None
+    head_step, row_step = attention_blocks(heads, length, query.element_size(), _ATTENTION_BLOCK_BYTES)
+    scores_buf, weights_buf = _attention_workspace(head_step * row_step * length, query.dtype)
+    for item in range(batch):  # items one at a time: 3-D products, and the budget holds whatever the batch
+        mask = None if attention_mask is None else attention_mask[item]  # (1|H, L, L)
+        for h0 in range(0, heads, head_step):
+            hs = slice(h0, h0 + head_step)
+            for start in range(0, length, row_step):
+                rows = slice(start, start + row_step)
+                q = query[item, hs, rows]  # (h, r, D): the last blocks may be smaller
+                shape = (q.shape[0], q.shape[1], length)
+                scores = torch.matmul(q, key_t[item, hs], out=scores_buf[: shape[0] * shape[1] * length].view(shape))
+                scores.mul_(scaling)
+                if mask is not None:
+                    scores.add_(mask[hs if mask.shape[0] > 1 else slice(None), rows])
+                weights = weights_buf[: scores.numel()].view(shape)
+                torch.softmax(scores, dim=-1, out=weights)  # bf16 in and out, fp32 inside the kernel
+                torch.matmul(weights, value[item, hs], out=out[item, hs, rows])
+    return out.transpose(1, 2), None
 
 
 def _use_blocked_attention(config: ArlowVisionConfig, query: torch.Tensor) -> bool:
