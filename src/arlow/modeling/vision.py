@@ -338,7 +338,8 @@ def _attention_workspace(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, 
 def blocked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float, **kwargs):
     """Inference softmax attention in blocks of (heads, query rows), for bf16 on CPU. q/k/v ``(B, H, L, D)``, mask
-    additive ``(B, 1|H, L, L)``. Returns ``(out (B, L, H, D), None)``.
+    additive ``(B, 1|H, L, L)``. Returns ``(out (B, L, H, D), None)``; ``out`` is a transposed view, which the
+    caller's reshape to ``(B * L, H * D)`` copies once.
 
     Both products are bf16 matrix products (oneDNN's bf16 kernels) and the scores stay bf16, as in eager bf16
     attention; CPU softmax accumulates bf16 input in fp32 and rounds the weights to bf16, which the second product
