@@ -356,16 +356,16 @@ def blocked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         mask = None if attention_mask is None else attention_mask[item]  # (1|H, L, L)
         for h0 in range(0, heads, head_step):
             hs = slice(h0, h0 + head_step)
+            head_mask = None if mask is None else mask[hs] if mask.shape[0] > 1 else mask
             for start in range(0, length, row_step):
                 rows = slice(start, start + row_step)
                 q = query[item, hs, rows]  # (h, r, D): the last blocks may be smaller
                 shape = (q.shape[0], q.shape[1], length)
-                scores = torch.matmul(q, key_t[item, hs], out=scores_buf[: shape[0] * shape[1] * length].view(shape))
-                scores.mul_(scaling)
-                if mask is not None:
-                    scores.add_(mask[hs if mask.shape[0] > 1 else slice(None), rows])
-                weights = weights_buf[: scores.numel()].view(shape)
-                torch.softmax(scores, dim=-1, out=weights)  # bf16 in and out, fp32 inside the kernel
+                numel = shape[0] * shape[1] * length
+                scores = torch.matmul(q, key_t[item, hs], out=scores_buf[:numel].view(shape)).mul_(scaling)
+                if head_mask is not None:
+                    scores.add_(head_mask[:, rows])
+                weights = torch.softmax(scores, dim=-1, out=weights_buf[:numel].view(shape))  # fp32 inside the kernel
                 torch.matmul(weights, value[item, hs], out=out[item, hs, rows])
     return out.transpose(1, 2), None
 
