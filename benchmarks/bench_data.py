@@ -33,8 +33,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_times, machine_line, markdown_table, median  # noqa: E402
 
-from arlow.pretrain.clips import probe_video, read_frames  # noqa: E402
-from arlow.pretrain.data import IMAGE, VIDEO, PretrainData, builtin_media  # noqa: E402
+from arlow.data.clips import probe_video, read_frames  # noqa: E402
+from arlow.data.sources import builtin_media  # noqa: E402
+from arlow.pretrain.data import IMAGE, VIDEO, PretrainData  # noqa: E402
 
 
 def make_media(tmp: Path) -> tuple[dict[str, list[str]], dict[str, str]]:

@@ -1,10 +1,10 @@
-"""The CPU kernels behind ``arlow.modeling.linear`` and the vision encoder's bf16 attention, timed against PyTorch's.
+"""The CPU kernels behind ``arlow.modeling.kernels.linear`` and the vision encoder's bf16 attention, timed against PyTorch's.
 
 Table 1: a linear layer (``x (M, in) @ W.T + b``) through aten's ``F.linear``, through oneDNN as Arlow calls it, and
 through oneDNN with the weight packed (``arlow.pack_weights``), at the shapes of a decode step (M = 1, 8), a prefill
 (M = 128) and the vision encoder (M = 3632); with a following GELU for the vision MLP's ``fc1``.
 Table 2: attention of one item (``(n, H, L, 64)``) through ``F.scaled_dot_product_attention`` and through
-``arlow.modeling.vision.blocked_attention``, bf16, at the item lengths of the vision benchmark's images and of a
+``arlow.modeling.kernels.blocked_attention``, bf16, at the item lengths of the vision benchmark's images and of a
 clip, with 8 heads and with the published encoder's 24 (``--heads``).
 
 Median of interleaved repeats; ratios are what to read (the machines are shared).
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_line, markdown_table, median  # noqa: E402
 
-from arlow.modeling.linear import onednn_linear, onednn_supports  # noqa: E402
-from arlow.modeling.vision import blocked_attention  # noqa: E402
+from arlow.modeling.kernels.linear import onednn_linear, onednn_supports  # noqa: E402
+from arlow.modeling.kernels.blocked_attention import blocked_attention  # noqa: E402
 
 LINEAR_SHAPES = [  # (name, out, in)
     ("lm_head 32000x512", 32000, 512), ("qkv 1536x512", 1536, 512), ("fc1 2048x512", 2048, 512),

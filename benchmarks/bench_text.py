@@ -31,7 +31,7 @@ from common import machine_line, markdown_table, median
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import arlow  # noqa: F401
-from arlow.modeling.linear import pack_weights
+from arlow.modeling.kernels.linear import pack_weights
 from arlow import ArlowForCausalLM
 from arlow.modeling.convert_llm import convert_llm
 
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--packed", action="store_true",
-                        help="Arlow with oneDNN-packed weights (arlow.modeling.linear.pack_weights)")
+                        help="Arlow with oneDNN-packed weights (arlow.modeling.kernels.linear.pack_weights)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     ours32, qwen32 = build_pair(args)

@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_wall_and_cpu, machine_line, markdown_table, median, mfu  # noqa: E402
+from packing_strategies import STRATEGIES, check, packing  # noqa: E402
 
 from arlow import ArlowVisionConfig, ArlowVLVisionModel  # noqa: E402
-from arlow.modeling.linear import set_onednn_linear  # noqa: E402
+from arlow.modeling.kernels.linear import set_onednn_linear  # noqa: E402
 from arlow.training.mfu import linear_flops, measure_matmul_peak, vit_forward_flops  # noqa: E402
 
 # (t, h, w) patch grids of eight images after an aspect-preserving resize to multiples of 28 px:
@@ -46,7 +47,9 @@ def build_models(depth: int, embed: int, heads: int, dtype: torch.dtype):
     for bias in (False, True):
         cfg = ArlowVisionConfig(**common, use_deformable_attention=bias, use_progressive_patches=False,
                                 deepstack_visual_indexes=[])
-        ours[bias] = ArlowVLVisionModel._from_config(cfg, attn_implementation="sdpa").eval().to(dtype)
+        # bf16: Arlow's blocked CPU attention kernel, chosen explicitly (docs/cpu-inference.md)
+        attn = "arlow_blocked_cpu" if dtype == torch.bfloat16 else "sdpa"
+        ours[bias] = ArlowVLVisionModel._from_config(cfg, attn_implementation=attn).eval().to(dtype)
     qwen = Qwen2VisionTransformerPretrainedModel._from_config(
         Qwen2VLVisionConfig(**common), attn_implementation="sdpa").eval().to(dtype)
     return ours, qwen
@@ -136,17 +139,16 @@ def packing_strategies(args) -> str:
             model = ours[bias]
 
             def run(strategy, model=model):
-                model.attention_packing = strategy
-                return model(pixels, grid, patch_positions=positions, seq_lengths=lengths)
+                with packing(strategy):
+                    return model(pixels, grid, patch_positions=positions, seq_lengths=lengths)
 
+            assert check(model, pixels, grid, patch_positions=positions, seq_lengths=lengths) < 1e-3
             with torch.inference_mode():
-                wall, cpu = interleaved_wall_and_cpu(
-                    {k: (lambda k=k: run(k)) for k in ("grouped", "per_item", "block_diagonal")},
-                    repeats=max(3, args.repeats - 2))
-            model.attention_packing = "grouped"
+                wall, cpu = interleaved_wall_and_cpu({k: (lambda k=k: run(k)) for k in STRATEGIES},
+                                                     repeats=max(3, args.repeats - 2))
             base, base_cpu = median(wall["per_item"]), median(cpu["per_item"])
             cells = [f"{median(wall[k]) * 1000:.0f} ms ({base / median(wall[k]):.2f}x; "
-                     f"CPU {base_cpu / median(cpu[k]):.2f}x)" for k in ("grouped", "per_item", "block_diagonal")]
+                     f"CPU {base_cpu / median(cpu[k]):.2f}x)" for k in STRATEGIES]
             rows.append([pack_name, n, "on" if bias else "off", *cells])
         print(f"  {pack_name}: done", file=sys.stderr)
     return markdown_table(["pack", "patches", "bias", "grouped (default)", "per item", "block-diagonal mask"], rows)
@@ -169,7 +171,7 @@ def main():
         torch.set_num_threads(args.threads)
     print(f"Machine: {machine_line()}; load average at start {os.getloadavg()[0]:.1f}")
     print(f"Encoder: depth {args.depth}, embed {args.embed}, {args.heads} heads, patch 14, temporal patch 2, merge 2, "
-          f"MLP x4 gelu_pytorch_tanh; sdpa; median of {args.repeats} interleaved runs; "
+          f"MLP x4 gelu_pytorch_tanh; sdpa (Arlow bf16: arlow_blocked_cpu); median of {args.repeats} interleaved runs; "
           f"{sum(h * w for _, h, w in MIXED_IMAGES)} patches in {len(MIXED_IMAGES)} images.\n")
     print(versus_qwen(args))
     if not args.skip_packing:

@@ -39,7 +39,7 @@ from common import interleaved_times, machine_line, markdown_table, median
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
 import arlow  # noqa: F401
-from arlow.modeling.linear import pack_weights
+from arlow.modeling.kernels.linear import pack_weights
 from arlow import ArlowConfig, ArlowForConditionalGeneration
 
 
@@ -150,18 +150,20 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--kinds", nargs="+", default=["image", "video"])
     parser.add_argument("--packed", action="store_true",
-                        help="Arlow with oneDNN-packed weights (arlow.modeling.linear.pack_weights)")
+                        help="Arlow with oneDNN-packed weights (arlow.modeling.kernels.linear.pack_weights)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     qwen_cfg, plain_cfg = configs(args, features=False)
     _, full_cfg = configs(args, features=True)
     _, frame_cfg = configs(args, features=False, video_attention="frame")
+    # Arlow's vision tower with its blocked CPU attention kernel (bf16 inference; SDPA otherwise), the decoder SDPA
+    attn = {"vision_config": "arlow_blocked_cpu", "text_config": "sdpa", "": "sdpa"}
     base = {
         "qwen2-vl": Qwen2VLForConditionalGeneration._from_config(qwen_cfg, attn_implementation="sdpa").eval(),
-        "arlow": ArlowForConditionalGeneration._from_config(plain_cfg, attn_implementation="sdpa").eval(),
-        "arlow+features": ArlowForConditionalGeneration._from_config(full_cfg, attn_implementation="sdpa").eval(),
-        FRAME: ArlowForConditionalGeneration._from_config(frame_cfg, attn_implementation="sdpa").eval(),
+        "arlow": ArlowForConditionalGeneration._from_config(plain_cfg, attn_implementation=attn).eval(),
+        "arlow+features": ArlowForConditionalGeneration._from_config(full_cfg, attn_implementation=attn).eval(),
+        FRAME: ArlowForConditionalGeneration._from_config(frame_cfg, attn_implementation=attn).eval(),
     }
     base[FRAME].load_state_dict(base["arlow"].state_dict())  # "arlow" with Qwen2-VL's per-slice video attention
     for model in base.values():

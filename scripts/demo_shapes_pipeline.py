@@ -1,6 +1,6 @@
 """The end-to-end demonstration on a CPU: MAE pretraining -> alignment -> instruction tuning of a tiny VLM on
 generated shapes, then accuracy on held-out images and clips (colour, count, position, direction of motion), next to
-the same pipeline with every image and clip blanked. See docs/finetuning.md and arlow.finetune.demo.
+the same pipeline with every image and clip blanked. See docs/finetuning.md and arlow.demos.shapes.
 
     python scripts/demo_shapes_pipeline.py runs/shapes-demo            # both pipelines, about 13 min on 2 cores
     python scripts/demo_shapes_pipeline.py runs/shapes-demo --short    # the test's size
@@ -30,7 +30,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from arlow.finetune.demo import FULL, SHORT, run_pipeline
+    from arlow.demos.shapes import FULL, SHORT, run_pipeline
 
     settings = replace(SHORT if args.short else FULL, seed=args.seed)
     if args.sft_steps:

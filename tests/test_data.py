@@ -17,11 +17,13 @@ import torch
 from PIL import Image
 
 from arlow.configuration import ArlowVisionConfig
-from arlow.pretrain.augment import random_resized_crop_box
-from arlow.pretrain.clips import clip_indices, probe_video, read_clip, read_frames
-from arlow.pretrain.data import IMAGE, VIDEO, PretrainData, builtin_media, image_normalisation
+from arlow.data.augment import random_resized_crop_box
+from arlow.data.clips import clip_indices, probe_video, read_clip, read_frames
+from arlow.data.augment import image_normalisation
+from arlow.data.sources import builtin_media
+from arlow.pretrain.data import IMAGE, VIDEO, PretrainData
 from arlow.pretrain.packing import pack_by_budget
-from arlow.pretrain.sources import HFImageDataset, ImageList, TarShards, VideoList, image_source, video_source
+from arlow.data.sources import HFImageDataset, ImageList, TarShards, VideoList, image_source, video_source
 from arlow.processing.patches import patchify, unpatchify
 
 RES = 56  # 2x2 merge windows of 14 px patches: 16 patch rows per image

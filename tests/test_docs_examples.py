@@ -16,7 +16,7 @@ import torch
 
 import arlow
 from arlow.cli import main as arlow_main
-from arlow.pretrain.data import builtin_media
+from arlow.data.sources import builtin_media
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Using Arlow models"

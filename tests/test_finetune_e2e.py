@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from arlow.finetune.demo import SHORT, evaluate, run_pipeline
-from arlow.finetune.shapes import write_shapes_dataset
+from arlow.demos.shapes import SHORT, evaluate, run_pipeline
+from arlow.data.shapes import write_shapes_dataset
 
 pytestmark = pytest.mark.slow
 

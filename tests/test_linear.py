@@ -1,4 +1,4 @@
-"""Tests of the oneDNN inference path of ``arlow.modeling.linear``: it gives ``F.linear`` + activation's numbers,
+"""Tests of the oneDNN inference path of ``arlow.modeling.kernels.linear``: it gives ``F.linear`` + activation's numbers,
 runs only where it should (checked with a spy on the oneDNN op), and leaves training, wrapped layers and the
 models' outputs as they were."""
 
@@ -11,8 +11,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from arlow import ArlowTextConfig, ArlowTextModel, ArlowVisionConfig, ArlowVLVisionModel
-from arlow.modeling import linear as lin
-from arlow.modeling.linear import Linear, linear, linear_then, onednn_supports, pack_weights, set_onednn_linear
+from arlow.modeling.kernels import linear as lin
+from arlow.modeling.kernels.linear import Linear, linear, linear_then, onednn_supports, pack_weights, set_onednn_linear
 
 pytestmark = pytest.mark.skipif(not onednn_supports(torch.float32), reason="this PyTorch build has no oneDNN")
 

@@ -24,7 +24,8 @@ from arlow.modeling.rope import (
     rope_inv_freq,
     vision_patch_positions,
 )
-from arlow.modeling.vision import PACKING_STRATEGIES, locality_bias, normalized_coordinates, rotate_pairs
+from arlow.modeling.kernels import blocked_attention as blocked
+from arlow.modeling.vision import locality_bias, normalized_coordinates, rotate_pairs
 from arlow.processing.patches import patchify
 
 P, TP, S = 2, 2, 2  # tiny patches keep the pixel rows short (C*Tp*P*P = 24)
@@ -196,19 +197,17 @@ def test_packed_batch_equals_items_run_alone(bias, progressive):
                        deepstack_visual_indexes=[0, 1])
     rows, grid = pack(ITEMS)
     alone = [model(*pack([f]), output_hidden_states=True) for f in ITEMS]
-    for strategy in PACKING_STRATEGIES:
-        model.attention_packing = strategy
-        out = model(rows, grid, output_hidden_states=True)
-        tokens = [int(g.prod()) // (S * S) for g in grid]
-        assert out.last_hidden_state.shape == (sum(tokens), 20)
-        torch.testing.assert_close(out.last_hidden_state, torch.cat([a.last_hidden_state for a in alone]),
-                                   atol=1e-5, rtol=1e-5)
-        for k in range(2):
-            torch.testing.assert_close(out.deepstack_features[k],
-                                       torch.cat([a.deepstack_features[k] for a in alone]), atol=1e-5, rtol=1e-5)
-        for layer in range(3):
-            torch.testing.assert_close(out.hidden_states[layer],
-                                       torch.cat([a.hidden_states[layer] for a in alone]), atol=1e-5, rtol=1e-5)
+    out = model(rows, grid, output_hidden_states=True)
+    tokens = [int(g.prod()) // (S * S) for g in grid]
+    assert out.last_hidden_state.shape == (sum(tokens), 20)
+    torch.testing.assert_close(out.last_hidden_state, torch.cat([a.last_hidden_state for a in alone]),
+                               atol=1e-5, rtol=1e-5)
+    for k in range(2):
+        torch.testing.assert_close(out.deepstack_features[k],
+                                   torch.cat([a.deepstack_features[k] for a in alone]), atol=1e-5, rtol=1e-5)
+    for layer in range(3):
+        torch.testing.assert_close(out.hidden_states[layer],
+                                   torch.cat([a.hidden_states[layer] for a in alone]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -232,8 +231,7 @@ def test_eager_equals_sdpa(bias, monkeypatch):
 
 
 def test_attention_blocks_fit_the_budget():
-    from arlow.modeling.vision import attention_blocks
-
+    attention_blocks = blocked.attention_blocks
     assert attention_blocks(heads=24, length=1024, element_size=2, budget=2 << 20) == (1, 1024)
     assert attention_blocks(heads=24, length=256, element_size=2, budget=2 << 20) == (16, 256)
     assert attention_blocks(heads=16, length=4096, element_size=2, budget=2 << 20) == (1, 256)
@@ -248,20 +246,18 @@ def test_blocked_attention_equals_the_formula(mask_heads, budget, monkeypatch):
     heads, 300 rows): one block; blocks of 2 heads x 300 rows (a full head block and a partial one); blocks of
     1 head x 32 rows (nine full row blocks and a partial one). In bf16 its error is of the order of PyTorch's fused
     kernel's."""
-    import arlow.modeling.vision as vision
-
-    monkeypatch.setattr(vision, "_ATTENTION_BLOCK_BYTES", budget)
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", budget)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 300, 16, generator=g) for _ in range(3))
     mask = None if mask_heads is None else -torch.rand(2, mask_heads, 300, 300, generator=g) * 4
     scores = q.double() @ k.double().transpose(-1, -2) * 0.25 + (0 if mask is None else mask.double())
     want = (torch.softmax(scores, -1) @ v.double()).transpose(1, 2)
-    got, weights = vision.blocked_attention(None, q, k, v, mask, scaling=0.25)
+    got, weights = blocked.blocked_attention(None, q, k, v, mask, scaling=0.25)
     assert weights is None and got.shape == (2, 300, 3, 16)
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
 
     bf = [t.bfloat16() for t in (q, k, v)]
-    got_bf16, _ = vision.blocked_attention(None, *bf, None if mask is None else mask.bfloat16(), scaling=0.25)
+    got_bf16, _ = blocked.blocked_attention(None, *bf, None if mask is None else mask.bfloat16(), scaling=0.25)
     fused = F.scaled_dot_product_attention(*bf, attn_mask=None if mask is None else mask.bfloat16(), scale=0.25)
     fused_error = (fused.transpose(1, 2).double() - want).abs().max()
     assert got_bf16.dtype == torch.bfloat16
@@ -271,54 +267,50 @@ def test_blocked_attention_equals_the_formula(mask_heads, budget, monkeypatch):
 def test_blocked_attention_workspace_is_kept_and_works_in_both_no_grad_modes():
     """The scores/weights workspace is made once per thread and reused (no fresh pages per call); made under
     inference mode it still takes in-place writes under no_grad, and the other way round."""
-    import arlow.modeling.vision as vision
-
     q, k, v = (torch.randn(1, 4, 200, 16).bfloat16() for _ in range(3))
     with torch.inference_mode():
-        first, _ = vision.blocked_attention(None, q, k, v, None, scaling=0.25)
-        pointer = vision._workspace.buffer.data_ptr()
+        first, _ = blocked.blocked_attention(None, q, k, v, None, scaling=0.25)
+        pointer = blocked._workspace.buffer.data_ptr()
     with torch.no_grad():
-        second, _ = vision.blocked_attention(None, q, k, v, None, scaling=0.25)
-    assert vision._workspace.buffer.data_ptr() == pointer
+        second, _ = blocked.blocked_attention(None, q, k, v, None, scaling=0.25)
+    assert blocked._workspace.buffer.data_ptr() == pointer
     assert torch.equal(first, second)
-    scores, weights = vision._attention_workspace(1000, torch.bfloat16)
-    assert weights.data_ptr() - scores.data_ptr() == (1000 + vision._WORKSPACE_GAP) * 2  # not a power of two apart
+    scores, weights = blocked._attention_workspace(1000, torch.bfloat16)
+    assert weights.data_ptr() - scores.data_ptr() == (1000 + blocked._WORKSPACE_GAP) * 2  # not a power of two apart
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_sdpa_inference_runs_blocked_attention(bias, monkeypatch):
-    import arlow.modeling.vision as vision
-
+def test_arlow_blocked_cpu_runs_blocked_attention_only_where_chosen(bias, monkeypatch):
+    """``attn_implementation="arlow_blocked_cpu"`` runs the blocked kernel in bf16 CPU inference, as close to the
+    fp32 result as bf16 SDPA; ``"sdpa"`` never does (no silent swap); training and fp32 fall back to SDPA."""
     calls = []
-    real = vision.blocked_attention
-    monkeypatch.setattr(vision, "blocked_attention", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
-    monkeypatch.setattr(vision, "_ATTENTION_BLOCK_BYTES", 1)  # blocks of one head x 16 rows at the tiny sizes
+    real = blocked.blocked_attention
+    monkeypatch.setattr(blocked, "blocked_attention", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 1)  # blocks of one head x 16 rows at the tiny sizes
     rows, grid = pack(ITEMS)
     reference = tiny_model("eager", use_deformable_attention=bias)(rows, grid).last_hidden_state
     model = tiny_model("sdpa", use_deformable_attention=bias).to(torch.bfloat16)
     with torch.no_grad():
+        fused = model(rows.bfloat16(), grid).last_hidden_state  # PyTorch's fused kernel, also in bf16
+    assert not calls
+    model.set_attn_implementation("arlow_blocked_cpu")
+    with torch.no_grad():
         got = model(rows.bfloat16(), grid).last_hidden_state
     assert calls and any(shape[-2] > 16 for shape in calls)  # some items span several blocks
-    n_calls = len(calls)
-    with monkeypatch.context() as patch, torch.no_grad():
-        patch.setattr(vision, "_use_blocked_attention", lambda *a: False)
-        fused = model(rows.bfloat16(), grid).last_hidden_state  # PyTorch's fused kernel, also in bf16
-    assert len(calls) == n_calls
-    # as close to the fp32 result as bf16 SDPA is
     assert (got.float() - reference).abs().max() <= 1.5 * (fused.float() - reference).abs().max()
+    n_calls = len(calls)
     model(rows.bfloat16().requires_grad_(), grid).last_hidden_state.sum().backward()  # training: SDPA's kernel
-    model.float()(rows, grid)  # fp32: SDPA's kernel
+    with torch.no_grad():
+        model.float()(rows, grid)  # fp32: SDPA's kernel
     assert len(calls) == n_calls
 
 
-@pytest.mark.parametrize("packing", PACKING_STRATEGIES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_frame_attention_equals_each_temporal_slice_run_as_an_image(packing, bias):
+def test_frame_attention_equals_each_temporal_slice_run_as_an_image(bias):
     """Under ``video_attention="frame"`` a video's temporal slices attend within themselves. RoPE scores depend only
     on offsets, so each slice must give what the same rows give as a one-slice item (an image) - other items too."""
     model = tiny_model(use_deformable_attention=bias, use_progressive_patches=True, deepstack_visual_indexes=[0],
                        video_attention="frame")
-    model.attention_packing = packing
     rows, grid = pack(ITEMS)
     slices = [ITEMS[2][i:i + TP] for i in range(0, 6, TP)]  # the 6-frame clip as three 2-frame items
     as_images = ITEMS[:2] + slices + ITEMS[3:]
@@ -496,10 +488,8 @@ def test_all_windows_in_shuffled_order_permute_the_tokens():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", PACKING_STRATEGIES)
-def test_visible_subset_matches_reference(strategy):
+def test_visible_subset_matches_reference():
     model = tiny_model(use_deformable_attention=True, use_progressive_patches=True, deepstack_visual_indexes=[1])
-    model.attention_packing = strategy
     g = torch.Generator().manual_seed(2)
     items = [ITEMS[0], ITEMS[2], ITEMS[3]]
     rows_all, positions, lengths, refs = [], [], [], []
@@ -732,10 +722,3 @@ def test_bad_input_raises_value_error(case):
     with pytest.raises(ValueError, match=message):
         model(*args[:2], patch_positions=args[2] if len(args) > 2 else None,
               seq_lengths=args[3] if len(args) > 3 else None)
-
-
-def test_unknown_packing_strategy_raises():
-    model = tiny_model()
-    model.attention_packing = "padded"
-    with pytest.raises(ValueError, match="grouped"):
-        model(*pack(ITEMS[:2]))

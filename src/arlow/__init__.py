@@ -22,7 +22,7 @@ from .modeling.text import (  # noqa: E402
 # --- multimodal model ---
 from .modeling.multimodal import ArlowForConditionalGeneration, ArlowModel  # noqa: E402,F401
 # --- CPU inference kernels (docs/cpu-inference.md) ---
-from .modeling.linear import pack_weights, set_onednn_linear  # noqa: E402,F401
+from .modeling.kernels.linear import pack_weights, set_onednn_linear  # noqa: E402,F401
 # --- processors ---
 from .processing import (  # noqa: E402
     ArlowImageProcessor,

@@ -7,7 +7,7 @@ Three forms are accepted (:func:`labelled_images`):
 * a CSV file of ``path,label`` rows (optional header; relative paths are taken from the CSV's folder; labels may be
   names or integers).
 
-Images are read through the pretraining sources (:mod:`arlow.pretrain.sources`), so decoding, the RGB policy and
+Images are read through the pretraining sources (:mod:`arlow.data.sources`), so decoding, the RGB policy and
 the "unreadable file" errors are the ones the encoder was pretrained with. Class names, not label numbers, tie a
 train split to a test split, so two folders with the same class folders line up whatever else they hold.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..pretrain.sources import HFImageDataset, ImageList, ImageSource
+from ..data.sources import HFImageDataset, ImageList, ImageSource
 
 __all__ = ["LabelledImages", "labelled_images", "read_csv", "stratified_split", "class_index"]
 

@@ -20,9 +20,8 @@ import torch
 
 from ..configuration import ArlowVisionConfig
 from ..modeling.vision import ArlowVLVisionModel
-from ..pretrain.augment import center_crop_box, crop_frames, frames_to_tensor
-from ..pretrain.clips import UnreadableMediaError
-from ..pretrain.data import image_normalisation
+from ..data.augment import center_crop_box, crop_frames, frames_to_tensor, image_normalisation
+from ..data.clips import UnreadableMediaError
 from ..processing.patches import pad_frames, patchify
 from .datasets import LabelledImages
 

@@ -4,7 +4,8 @@ Modules, bottom up: :mod:`.sources` (where records come from), :mod:`.examples` 
 loss masks and truncation), :mod:`.collate` (micro-batches, the dummy vision row), :mod:`.data` (length-grouped,
 sharded, resumable pipeline), :mod:`.freezing` (named parameter groups), :mod:`.lora` (PEFT LoRA / QLoRA),
 :mod:`.stage` (recipe -> engine run; :mod:`.align` and :mod:`.sft` are the commands), :mod:`.scoring` (multiple-choice
-accuracy), :mod:`.shapes` and :mod:`.demo` (the end-to-end demonstration). See docs/finetuning.md.
+accuracy). The shapes data set is :mod:`arlow.data.shapes`, the end-to-end demonstration :mod:`arlow.demos.shapes`.
+See docs/finetuning.md.
 """
 
 from .collate import DummyVision, collate_examples

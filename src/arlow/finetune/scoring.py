@@ -57,7 +57,7 @@ def choice_scores(model, processor, messages: list[dict], choices: list[str], **
 
 def accuracy_by_task(model, processor, items: list[dict], **processor_kwargs) -> dict[str, dict]:
     """Accuracy per ``task`` (and ``"all"``) of items ``{"kind": "image"|"video", "media", "question", "choices",
-    "answer", "task"}`` (see :func:`arlow.finetune.shapes.eval_items`). Returns
+    "answer", "task"}`` (see :func:`arlow.data.shapes.eval_items`). Returns
     ``{task: {"correct", "total", "accuracy", "chance"}}``."""
     was_training = model.training
     model.eval()

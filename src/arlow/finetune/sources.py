@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..pretrain.sources import expand_shards
+from ..data.sources import expand_shards
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -150,9 +150,9 @@ def build_model(section: dict, lora: LoraSettings | None = None):
 
 
 def shapes_demo_data(output_dir: str | Path, task: str) -> Path:
-    """``data.train: shapes``: the generated shapes data set (:mod:`arlow.finetune.shapes`), written once next to
+    """``data.train: shapes``: the generated shapes data set (:mod:`arlow.data.shapes`), written once next to
     the run (``<output_dir>/../shapes-data``); captions for alignment, conversations for instruction tuning."""
-    from .shapes import write_shapes_dataset
+    from ..data.shapes import write_shapes_dataset
 
     root = Path(output_dir).resolve().parent / "shapes-data"
     done = root / "shapes.json"
@@ -171,7 +171,7 @@ def shapes_demo_data(output_dir: str | Path, task: str) -> Path:
 
 
 def build_data(section: dict, processor, task: str, seed: int, output_dir: str | Path = ".") -> FinetuneData:
-    from .shapes import MEDIA_SETTINGS
+    from ..data.shapes import MEDIA_SETTINGS
 
     section = dict(section or {})
     if "train" not in section:

@@ -35,7 +35,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput, can_return_tuple
 
 from ..configuration import ArlowConfig
-from .linear import Linear
+from .kernels.linear import Linear
 from .rope import get_rope_index, mrope_slot_axes
 from .text import ArlowTextModel
 from .vision import ArlowPreTrainedModel, ArlowVLVisionModel

@@ -39,7 +39,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ..configuration import ArlowTextConfig
-from .linear import Linear, linear_then
+from .kernels.linear import Linear, linear_then
 from .rope import apply_rotary, mrope_slot_axes, multi_axis_angles, rope_inv_freq
 
 __all__ = [

@@ -14,14 +14,14 @@ tensors load by name; the numerics do not reproduce its defects: RoPE is a true 
 are merged transpose-then-reshape, every item keeps all its tokens, many items run in one call, and the locality
 bias is an additive mask that works with SDPA.
 
-Packing (design D4): attention is confined to each item. Under flash attention one varlen call covers the whole
-pack. Under eager/SDPA, items of equal length run as one batched call ``(n_same, H, L, D)``; the encoder reorders
-items once so that such groups are contiguous and restores the caller's order at the end.
+Packing (design D4): attention is confined to each item. Under flash attention (or a kernel of
+:mod:`arlow.modeling.kernels` that takes the whole pack) one varlen call covers the whole pack. Otherwise items of
+equal length run as one batched call ``(n_same, H, L, D)``; the encoder reorders items once so that such groups are
+contiguous and restores the caller's order at the end. Device-specific kernels live in :mod:`arlow.modeling.kernels`.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +35,8 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import is_flash_attention_requested
 
 from ..configuration import ArlowConfig, ArlowVisionConfig
-from .linear import Linear, linear, linear_then
+from . import kernels
+from .kernels.linear import Linear, linear, linear_then
 from .rope import (
     cu_seqlens_from_lengths,
     mrope_slot_axes,
@@ -49,14 +50,10 @@ __all__ = [
     "ArlowPreTrainedModel",
     "ArlowVLVisionModel",
     "ArlowVisionModelOutput",
-    "PACKING_STRATEGIES",
     "locality_bias",
     "normalized_coordinates",
     "rotate_pairs",
 ]
-
-PACKING_STRATEGIES = ("grouped", "per_item", "block_diagonal")
-
 
 @dataclass
 class ArlowVisionModelOutput(ModelOutput):
@@ -160,25 +157,27 @@ class _PackedLayout:
     slice; ``restore`` undoes it on the rows, ``token_restore`` on the merged tokens.
     """
 
-    segments: list[_Segment]
-    cu_seqlens: torch.Tensor  # (n_items + 1,) int32, in processing order (flash attention)
+    segments: list[_Segment] | None  # None: the whole pack in one varlen call (cu_seqlens, max_length, coords)
+    cu_seqlens: torch.Tensor  # (n_items + 1,) int32, in processing order
     max_length: int
     order: torch.Tensor | None = None
     restore: torch.Tensor | None = None
     token_restore: torch.Tensor | None = None
+    coords: torch.Tensor | None = None  # (N, 3) normalised coordinates for a whole-pack kernel's locality bias
 
 
-def _build_layout(lengths: list[int], coords: torch.Tensor | None, strategy: str, config: ArlowVisionConfig,
-                  dtype: torch.dtype, device: torch.device, merge_rows: int, flash: bool) -> _PackedLayout:
+def _build_layout(lengths: list[int], coords: torch.Tensor | None, config: ArlowVisionConfig,
+                  dtype: torch.dtype, device: torch.device, merge_rows: int, whole_pack: bool) -> _PackedLayout:
     """Plan the attention calls for items of ``lengths`` rows.
 
     Args:
         lengths: rows per attention unit (an item, or one temporal slice of it under ``video_attention="frame"``),
             in input order.
         coords: ``(N, 3)`` normalised coordinates (input order) when the locality bias is on, else ``None``.
-        strategy: one of :data:`PACKING_STRATEGIES` (ignored under flash attention: one varlen call).
         dtype: dtype of the attention scores (masks are cast to it).
         merge_rows: ``s**2``, rows per merged token.
+        whole_pack: one varlen call over the whole pack (flash attention, whole-pack kernels) instead of one
+            batched call per group of equal-length items.
     """
     starts = [0]
     for n in lengths:
@@ -188,32 +187,14 @@ def _build_layout(lengths: list[int], coords: torch.Tensor | None, strategy: str
     def cu(ls):
         return cu_seqlens_from_lengths(torch.tensor(ls, dtype=torch.long)).to(device)
 
-    if flash:
-        return _PackedLayout([], cu(lengths), max(lengths))
+    if whole_pack:
+        return _PackedLayout(None, cu(lengths), max(lengths), coords=coords)
 
     def bias_for(rows: slice, count: int, length: int):
         if coords is None:
             return None
         return locality_bias(coords[rows].view(count, length, 3), config.deformable_attention_strength,
                              config.deformable_attention_window).unsqueeze(1).to(dtype)
-
-    if strategy == "block_diagonal":
-        # One call over the whole pack; rows of different items are separated by the most negative score.
-        item = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
-        same = item[:, None] == item[None, :]
-        mask = torch.zeros(total, total, dtype=torch.float32, device=device)
-        if coords is not None:
-            mask = locality_bias(coords, config.deformable_attention_strength, config.deformable_attention_window)
-        mask = mask.masked_fill(~same, torch.finfo(dtype).min).to(dtype)
-        return _PackedLayout([_Segment(0, 1, total, mask[None, None])], cu(lengths), max(lengths))
-
-    if strategy == "per_item":
-        segments = [_Segment(starts[i], 1, n, bias_for(slice(starts[i], starts[i + 1]), 1, n))
-                    for i, n in enumerate(lengths)]
-        return _PackedLayout(segments, cu(lengths), max(lengths))
-
-    if strategy != "grouped":
-        raise ValueError(f"unknown attention packing strategy {strategy!r}; expected one of {PACKING_STRATEGIES}")
 
     # Group items of equal length, groups in order of first appearance, items in input order inside a group.
     groups: dict[int, list[int]] = {}
@@ -300,82 +281,6 @@ def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-# Bytes of bf16 scores per block of :func:`blocked_attention` (heads x query rows x L): about the L2 cache of this
-# 2-core host. Smaller blocks pay per-call overhead, larger ones spill the softmax out of cache (bench_kernels.py:
-# 2 MiB was the best or within 10% of it at L = 256-4096 with 6-24 heads, on 1 and 2 threads).
-_ATTENTION_BLOCK_BYTES = 2 << 20
-
-
-def attention_blocks(heads: int, length: int, element_size: int, budget: int) -> tuple[int, int]:
-    """``(heads per block, query rows per block)`` of :func:`blocked_attention`: as many query rows as fit
-    ``budget`` bytes of scores (at least 16, at most ``length``), then as many heads as fit with them."""
-    per_row = length * element_size
-    rows = max(16, min(length, budget // per_row))
-    return max(1, min(heads, budget // (rows * per_row))), rows
-
-
-_workspace = threading.local()
-# Elements between the two workspace buffers: 17 cache lines of bf16. Buffers a power of two apart make the softmax
-# read and write addresses that share cache sets (measured: 1.8x slower at L = 1024).
-_WORKSPACE_GAP = 544
-
-
-def _attention_workspace(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two flat CPU buffers of ``numel`` elements (scores, weights), carved from one kept per thread between calls.
-
-    Fresh megabyte tensors each block would come from glibc as new pages: 1,500-2,700 page faults per call were
-    measured, 2-4x the attention's time (docs/cpu-inference.md). Made outside inference mode, so that in-place
-    writes are allowed under both ``torch.no_grad()`` and ``torch.inference_mode()``.
-    """
-    buffer = getattr(_workspace, "buffer", None)
-    if buffer is None or buffer.numel() < 2 * numel + _WORKSPACE_GAP or buffer.dtype != dtype:
-        with torch.inference_mode(False):
-            buffer = torch.empty(2 * numel + _WORKSPACE_GAP, dtype=dtype)
-        _workspace.buffer = buffer
-    return buffer[:numel], buffer[numel + _WORKSPACE_GAP: 2 * numel + _WORKSPACE_GAP]
-
-
-def blocked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, scaling: float, **kwargs):
-    """Inference softmax attention in blocks of (heads, query rows), for bf16 on CPU. q/k/v ``(B, H, L, D)``, mask
-    additive ``(B, 1|H, L, L)``. Returns ``(out (B, L, H, D), None)``; ``out`` is a transposed view, which the
-    caller's reshape to ``(B * L, H * D)`` copies once.
-
-    Both products are bf16 matrix products (oneDNN's bf16 kernels) and the scores stay bf16, as in eager bf16
-    attention; CPU softmax accumulates bf16 input in fp32 and rounds the weights to bf16, which the second product
-    needs anyway (converting the scores to fp32 first changes the weights by < 1e-5 without a mask and cost up to
-    2x the time). PyTorch's fused CPU kernel (``F.scaled_dot_product_attention``) reaches only fp32 speed in bf16.
-    A block's scores (:data:`_ATTENTION_BLOCK_BYTES`) stay in cache between the products and the softmax.
-    """
-    batch, heads, length, dim = query.shape
-    out = query.new_empty(batch, heads, length, dim)
-    key_t = key.transpose(-1, -2)
-    head_step, row_step = attention_blocks(heads, length, query.element_size(), _ATTENTION_BLOCK_BYTES)
-    scores_buf, weights_buf = _attention_workspace(head_step * row_step * length, query.dtype)
-    for item in range(batch):  # items one at a time: 3-D products, and the budget holds whatever the batch
-        mask = None if attention_mask is None else attention_mask[item]  # (1|H, L, L)
-        for h0 in range(0, heads, head_step):
-            hs = slice(h0, h0 + head_step)
-            head_mask = None if mask is None else mask[hs] if mask.shape[0] > 1 else mask
-            for start in range(0, length, row_step):
-                rows = slice(start, start + row_step)
-                q = query[item, hs, rows]  # (h, r, D): the last blocks may be smaller
-                shape = (q.shape[0], q.shape[1], length)
-                numel = shape[0] * shape[1] * length
-                scores = torch.matmul(q, key_t[item, hs], out=scores_buf[:numel].view(shape)).mul_(scaling)
-                if head_mask is not None:
-                    scores.add_(head_mask[:, rows])
-                weights = torch.softmax(scores, dim=-1, out=weights_buf[:numel].view(shape))  # fp32 inside the kernel
-                torch.matmul(weights, value[item, hs], out=out[item, hs, rows])
-    return out.transpose(1, 2), None
-
-
-def _use_blocked_attention(config: ArlowVisionConfig, query: torch.Tensor) -> bool:
-    """sdpa inference in bf16 on CPU: :func:`blocked_attention` is faster than PyTorch's fused kernel there."""
-    return (config._attn_implementation == "sdpa" and query.device.type == "cpu" and query.dtype == torch.bfloat16
-            and not (torch.is_grad_enabled() and query.requires_grad))
-
-
 class ArlowVLAttention(nn.Module):
     """Multi-head self-attention over a packed sequence with 3-D RoPE, confined to each item.
 
@@ -402,23 +307,17 @@ class ArlowVLAttention(nn.Module):
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if is_flash_attention_requested(self.config):
-            if self.config.use_deformable_attention:
-                raise ValueError(
-                    "use_deformable_attention=True adds a per-pair score bias that flash attention cannot take. Use "
-                    "attn_implementation='sdpa' (or 'eager') for the vision encoder, or turn the bias off."
-                )
-            cu = layout.cu_seqlens
+        if layout.segments is None:  # the whole pack in one varlen call
+            cu, longest = layout.cu_seqlens, layout.max_length
+            extra = {} if layout.coords is None else {"locality_coords": layout.coords}
             out, _ = attention(
                 self, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                 attention_mask=None, scaling=self.scaling, dropout=0.0, is_causal=False,
-                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=layout.max_length, max_length_k=layout.max_length,
+                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest, **extra,
             )
             return self.proj(out.reshape(n_rows, width))
-        if _use_blocked_attention(self.config, q):
-            attention = blocked_attention
         outs = []
-        for seg in layout.segments:
+        for seg in layout.segments:  # one batched call per group of equal-length items
             rows = slice(seg.start, seg.stop)
 
             def heads_first(t):
@@ -427,8 +326,7 @@ class ArlowVLAttention(nn.Module):
             out, _ = attention(self, heads_first(q), heads_first(k), heads_first(v), attention_mask=seg.mask,
                                scaling=self.scaling, dropout=0.0, is_causal=False)
             outs.append(out.reshape(seg.count * seg.length, width))  # (n, L, H, D): tokens first, heads merged
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return self.proj(out)
+        return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 class ArlowVLBlock(GradientCheckpointingLayer):
@@ -498,17 +396,12 @@ class ArlowPreTrainedModel(PreTrainedModel):
 class ArlowVLVisionModel(ArlowPreTrainedModel):
     """Native-resolution ViT over packed images and videos, with optional locality bias, progressive patches and
     DeepStack taps. See the module docstring for the input format and ``forward`` for shapes.
-
-    ``attention_packing`` chooses how eager/SDPA split the pack into attention calls (all give the same result):
-    ``"grouped"`` (default: one batched call per distinct item length), ``"per_item"`` (one call per item), or
-    ``"block_diagonal"`` (one call over the pack with a dense ``(N, N)`` mask; O(N²) memory, for comparison).
     """
 
     config_class = ArlowVisionConfig
     main_input_name = "pixel_values"
     input_modalities = ("image", "video")
     _no_split_modules = ["ArlowVLBlock"]
-    attention_packing = "grouped"
 
     def __init__(self, config: ArlowVisionConfig):
         super().__init__(config)
@@ -677,8 +570,14 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         units = lengths  # rows that attend to each other
         if cfg.video_attention == "frame" and bool((grid[:, 0] > 1).any()):
             units = temporal_slice_lengths(positions[:, 0], lengths)
-        layout = _build_layout(units, coords, self.attention_packing, cfg, x.dtype, device, merge_rows,
-                               flash=is_flash_attention_requested(cfg))
+        flash = is_flash_attention_requested(cfg)
+        if flash and coords is not None:
+            raise ValueError(
+                "use_deformable_attention=True adds a per-pair score bias that flash attention cannot take. Use "
+                "attn_implementation='sdpa' (or 'eager') for the vision encoder, or turn the bias off."
+            )
+        layout = _build_layout(units, coords, cfg, x.dtype, device, merge_rows,
+                               whole_pack=flash or kernels.takes_whole_pack(cfg._attn_implementation))
         cos, sin = self.rotary_pos_emb(positions)
         if layout.order is not None:
             x, cos, sin = x[layout.order], cos[layout.order], sin[layout.order]

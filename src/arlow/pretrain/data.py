@@ -38,12 +38,12 @@ from torch.utils.data import DataLoader
 from ..configuration import ArlowVisionConfig
 from ..processing.image import ArlowImageProcessor
 from ..processing.patches import pad_frames, patchify
-from .augment import center_crop_box, crop_frames, frames_to_tensor, random_resized_crop_box
-from .clips import UnreadableMediaError
+from ..data.augment import center_crop_box, crop_frames, frames_to_tensor, image_normalisation, random_resized_crop_box
+from ..data.clips import UnreadableMediaError
+from ..data.sources import ImageSource, VideoList, builtin_media, first_readable, image_source, video_source
 from .packing import collate_items, pack_by_budget, patch_count
-from .sources import ImageSource, VideoList, first_readable, image_source, video_source
 
-__all__ = ["PretrainData", "builtin_media", "image_normalisation", "IMAGE", "VIDEO"]
+__all__ = ["PretrainData", "IMAGE", "VIDEO"]
 
 logger = logging.getLogger("arlow.pretrain.data")
 
@@ -51,26 +51,6 @@ IMAGE, VIDEO = 0, 1
 _MAX_ATTEMPTS = 64  # unreadable files in a row before a sample gives up (the source is checked at start-up)
 # tags that keep the random streams of one (seed, epoch) apart
 _IMAGE_ORDER, _VIDEO_ORDER, _MIXING, _SAMPLE = 11, 12, 13, 14
-
-
-def image_normalisation() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` per RGB channel applied after rescaling to [0, 1]: ``ArlowImageProcessor``'s defaults, so
-    the encoder is pretrained on exactly the pixels the exported processor will give it."""
-    return tuple(ArlowImageProcessor.image_mean), tuple(ArlowImageProcessor.image_std)
-
-
-def builtin_media() -> tuple[list[str], list[str]]:
-    """``(image_paths, video_paths)`` of the real photos and Big Buck Bunny clips shipped in ``arlow/assets``.
-
-    CC0 / public-domain / CC-BY photos from scikit-image and scikit-learn and a CC-BY 3.0 clip (Blender
-    Foundation); licences and attribution in ``assets/media/LICENSES.md``.
-    """
-    root = Path(str(resources.files("arlow").joinpath("assets", "media")))
-    images = sorted(str(p) for p in (root / "images").iterdir() if p.suffix.lower() == ".jpg")
-    videos = sorted(str(p) for p in (root / "videos").iterdir() if p.suffix.lower() == ".mp4")
-    if not images or not videos:
-        raise FileNotFoundError(f"the built-in media are missing from {root}: reinstall arlow")
-    return images, videos
 
 
 def _rng(*key: int) -> np.random.Generator:

@@ -145,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data import PretrainData, image_normalisation
+    from ..data.augment import image_normalisation
+    from .data import PretrainData
     from .export import load_mae_checkpoint
 
     model, meta = load_mae_checkpoint(args.checkpoint)

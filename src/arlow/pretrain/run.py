@@ -26,7 +26,9 @@ import torch
 from ..training import TrainConfig, Trainer
 from ..training.config import apply_overrides, load_yaml
 from ..training.distributed import rank_and_world
-from .data import PretrainData, image_normalisation
+from ..data.augment import image_normalisation
+from ..data.sources import builtin_media
+from .data import PretrainData
 from .export import MAE_CONFIG, export_checkpoint, load_mae_checkpoint
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from .reconstruct import save_reconstruction_grid
@@ -68,8 +70,6 @@ def build_model(model_section: dict) -> ArlowMAEForPreTraining:
 
 
 def build_data(data_section: dict, vision_config, seed: int) -> PretrainData:
-    from .data import builtin_media
-
     section = dict(data_section or {})
     images, videos = section.pop("images", "builtin"), section.pop("videos", None)
     builtin_images, builtin_videos = builtin_media()
@@ -121,7 +121,7 @@ def _preview_batch(data_section: dict | None, vision_config, num_items: int):
     """A fixed, un-augmented batch of the first few images and (if any) one clip, for reconstruction grids."""
     if num_items <= 0:
         return None
-    from .data import IMAGE, VIDEO, builtin_media
+    from .data import IMAGE, VIDEO
     from .packing import collate_items
 
     section = dict(data_section or {})

@@ -4,7 +4,7 @@ Counting convention: one multiply-add is 2 FLOPs; a training step costs 3x the f
 without activation recompute. MFU = achieved model FLOPs per second / peak FLOPs per second of the devices used,
 where the peak is *measured* on this machine with a large square matmul (the best any model can do), not a
 datasheet number; on CPUs, the faster of aten's matmul and oneDNN's (on AMD processors aten's fp32 matmul, MKL, runs
-at about half oneDNN's speed; see :mod:`arlow.modeling.linear`). Per-layer formula (T tokens, width D, MLP hidden F,
+at about half oneDNN's speed; docs/cpu-inference.md). Per-layer formula (T tokens, width D, MLP hidden F,
 peers-and-anchors C.1)::
 
     fwd_layer = 8*T*D^2 (qkv + out projections) + 4*T*D*F (GELU MLP; 6*T*D*F for SwiGLU) + 4*T^2*D (scores, attn@V)
@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..modeling.linear import onednn_linear, onednn_supports
 
 TRAIN_FLOPS_MULTIPLIER = 3.0  # forward + backward (2x forward)
 
@@ -91,12 +90,23 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.
             torch.cuda.synchronize(device)
 
     kernels = [lambda: torch.matmul(a, b)]
-    if device.type == "cpu" and onednn_supports(dtype):
-        kernels.append(lambda: onednn_linear(a, b))  # a @ b.T: the same FLOPs through oneDNN
+    onednn = _onednn_matmul(dtype) if device.type == "cpu" else None
+    if onednn is not None:
+        kernels.append(lambda: onednn(a, b))  # a @ b.T: the same FLOPs through oneDNN
     best = min(_best_time(kernel, sync) for kernel in kernels)
     peak = flops / best
     _PEAK_CACHE[key] = peak
     return peak
+
+
+def _onednn_matmul(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``(a, b) -> a @ b.T`` through oneDNN where this PyTorch build and CPU have it for ``dtype``, else ``None``."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return None
+    if dtype not in (torch.float32, torch.bfloat16) or (
+            dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    return lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
 def _best_time(kernel: Callable[[], object], sync: Callable[[], None]) -> float:

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["random_resized_crop_box", "center_crop_box", "crop_frames", "frames_to_tensor"]
+from ..processing.image import ArlowImageProcessor
+
+__all__ = ["random_resized_crop_box", "center_crop_box", "crop_frames", "frames_to_tensor", "image_normalisation"]
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels
 
@@ -79,3 +81,9 @@ def frames_to_tensor(frames: Sequence[Image.Image], mean: Sequence[float], std: 
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return x.sub_(mean_t).div_(std_t)
+
+
+def image_normalisation() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per RGB channel applied after rescaling to [0, 1]: ``ArlowImageProcessor``'s defaults, so
+    the encoder is pretrained on exactly the pixels the exported processor will give it."""
+    return tuple(ArlowImageProcessor.image_mean), tuple(ArlowImageProcessor.image_std)

@@ -13,7 +13,7 @@ Video source: :class:`VideoList` - ``(path, label)`` items; :meth:`VideoList.fro
 ``root/class/x.avi``) and :meth:`VideoList.from_list_file` (one ``path [label]`` per line).
 
 Nothing here decides *which* item is read: the pipeline (:mod:`arlow.pretrain.data`) does. A file that cannot be
-decoded raises :class:`~arlow.pretrain.clips.UnreadableMediaError` with the reason, for the pipeline to skip.
+decoded raises :class:`~arlow.data.clips.UnreadableMediaError` with the reason, for the pipeline to skip.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import re
 import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from .clips import UnreadableMediaError, read_clip
 
 __all__ = [
     "IMAGE_EXTENSIONS", "TAR_IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "ImageSource", "ImageList", "HFImageDataset",
-    "TarShards", "VideoList", "image_source", "video_source", "first_readable", "expand_shards",
+    "TarShards", "VideoList", "image_source", "video_source", "first_readable", "expand_shards", "builtin_media",
 ]
 
 logger = logging.getLogger("arlow.pretrain.data")
@@ -313,7 +314,7 @@ class TarShards(ImageSource):
 
 
 class VideoList:
-    """Video files, optionally with integer labels; clips are decoded with PyAV (:mod:`arlow.pretrain.clips`).
+    """Video files, optionally with integer labels; clips are decoded with PyAV (:mod:`arlow.data.clips`).
 
     Args:
         items: ``[path, ...]`` or ``[(path, label), ...]``.
@@ -443,3 +444,17 @@ def first_readable(source, load, limit: int | None = None) -> int:
             reasons.append(str(error))
     shown = "; ".join(reasons[:5]) + (f"; ... ({len(reasons) - 5} more)" if len(reasons) > 5 else "")
     raise ValueError(f"{source!r}: none of the {count} files checked could be read: {shown}")
+
+
+def builtin_media() -> tuple[list[str], list[str]]:
+    """``(image_paths, video_paths)`` of the real photos and Big Buck Bunny clips shipped in ``arlow/assets``.
+
+    CC0 / public-domain / CC-BY photos from scikit-image and scikit-learn and a CC-BY 3.0 clip (Blender
+    Foundation); licences and attribution in ``assets/media/LICENSES.md``.
+    """
+    root = Path(str(resources.files("arlow").joinpath("assets", "media")))
+    images = sorted(str(p) for p in (root / "images").iterdir() if p.suffix.lower() == ".jpg")
+    videos = sorted(str(p) for p in (root / "videos").iterdir() if p.suffix.lower() == ".mp4")
+    if not images or not videos:
+        raise FileNotFoundError(f"the built-in media are missing from {root}: reinstall arlow")
+    return images, videos

@@ -4,7 +4,7 @@ shapes, then accuracy on held-out images and clips, against the same pipeline tr
 Every stage is the real command's code path (``arlow pretrain``, ``arlow create-model``, ``arlow align``,
 ``arlow sft`` as Python calls, with the recipes in ``arlow/configs/finetune/shapes_*.yaml``):
 
-1. :func:`~arlow.finetune.shapes.write_shapes_dataset` writes images, clips, captions, conversations and held-out
+1. :func:`~arlow.data.shapes.write_shapes_dataset` writes images, clips, captions, conversations and held-out
    questions (``blank=True``: the same texts over flat grey media).
 2. ``arlow pretrain`` trains a tiny encoder (width 64, 4 blocks) with MAE on the generated images and clips.
 3. A random tiny ``ArlowForCausalLM`` (width 64, 2 layers, 2 heads, the built-in 8,192-token tokenizer; see
@@ -61,10 +61,10 @@ def _log_every(steps: int) -> int:
 
 
 def configure_processor(model_dir: str | Path) -> None:
-    """Give the model folder's processor the demo's media settings (:data:`arlow.finetune.shapes.MEDIA_SETTINGS`),
+    """Give the model folder's processor the demo's media settings (:data:`arlow.data.shapes.MEDIA_SETTINGS`),
     so that ``AutoProcessor.from_pretrained(model_dir)`` keeps 112 px images and samples the clips' 8 frames."""
     from ..processing import ArlowImageProcessor, ArlowProcessor, ArlowVideoProcessor
-    from .shapes import MEDIA_SETTINGS
+    from ..data.shapes import MEDIA_SETTINGS
 
     processor = ArlowProcessor.from_pretrained(str(model_dir))
     ip = processor.image_processor
@@ -109,9 +109,9 @@ def evaluate(model_dir: str | Path, eval_file: str | Path) -> dict:
     """Accuracy per task of the model folder (or run folder) on the held-out questions of ``eval_file``."""
     from ..modeling.multimodal import ArlowForConditionalGeneration
     from ..processing import ArlowProcessor
-    from .scoring import accuracy_by_task
-    from .shapes import eval_items
-    from .stage import model_folder
+    from ..data.shapes import eval_items
+    from ..finetune.scoring import accuracy_by_task
+    from ..finetune.stage import model_folder
 
     folder = model_folder(model_dir)
     model = ArlowForConditionalGeneration.from_pretrained(str(folder))
@@ -125,8 +125,8 @@ def run_pipeline(root: str | Path, settings: DemoSettings = FULL, blank: bool = 
     from ..pretrain.run import load_recipe as load_pretrain_recipe
     from ..pretrain.run import pretrain
     from ..training.logs import read_log
-    from .shapes import write_shapes_dataset
-    from .stage import finetune, load_recipe
+    from ..data.shapes import write_shapes_dataset
+    from ..finetune.stage import finetune, load_recipe
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,7 @@ def linear(
 ) -> torch.Tensor:
     """``activation(x @ weight.T + bias)``: ``x (..., in)``, ``weight (out, in)``, ``bias (out,)`` -> ``(..., out)``.
 
-    One oneDNN call with bias and activation fused where :mod:`this module's docstring <arlow.modeling.linear>`
+    One oneDNN call with bias and activation fused where :mod:`this module's docstring <arlow.modeling.kernels.linear>`
     allows; otherwise ``F.linear`` followed by ``activation``.
     """
     if _use_onednn(x, weight, bias):

@@ -1,0 +1,1 @@
+"""Demonstrations that run several stages end to end (on top of ``pretrain``, ``finetune`` and ``evaluation``)."""
