@@ -43,7 +43,9 @@ def register() -> None:
     AutoModelForImageTextToText.register(ArlowConfig, ArlowForConditionalGeneration, exist_ok=True)
     AutoModelForCausalLM.register(ArlowConfig, ArlowForConditionalGeneration, exist_ok=True)
     # --- processors ---
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
+    # From its module: 5.17-5.18 export a torchvision-only placeholder at the top level.
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
     from transformers.utils import is_torchvision_available
 
     from .processing import ArlowImageProcessor, ArlowProcessor, ArlowTokenizerFast

@@ -23,6 +23,8 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from ._compat import build_sub_configs, declare_sub_configs
+
 __all__ = ["ArlowVisionConfig", "ArlowTextConfig", "ArlowConfig", "default_mrope_sections"]
 
 
@@ -311,6 +313,7 @@ _TEXT_FIELDS = tuple(
 ) + ("rope_scaling", "rope_theta", "_mrope_ratio")
 
 
+@declare_sub_configs
 @strict(accept_kwargs=True)
 class ArlowConfig(PreTrainedConfig):
     r"""Configuration of ``ArlowModel`` / ``ArlowForConditionalGeneration``: a vision encoder and a text decoder.
@@ -361,6 +364,7 @@ class ArlowConfig(PreTrainedConfig):
             text_width = (self.text_config.get("hidden_size", ArlowTextConfig.hidden_size)
                           if isinstance(self.text_config, dict) else self.text_config.hidden_size)
             self.vision_config = {"hidden_size": text_width}
+        build_sub_configs(self)
         super().__post_init__(**kwargs)
         text, vision = self.text_config, self.vision_config
         if vision.hidden_size != text.hidden_size:

@@ -31,9 +31,9 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput, can_return_tuple
 
+from .._compat import slice_logits_to_keep
 from ..configuration import ArlowConfig
 from .kernels.linear import Linear
 from .rope import get_rope_index, mrope_slot_axes

@@ -29,6 +29,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .._compat import build_sub_configs, declare_sub_configs
 from ..configuration import ArlowVisionConfig, default_mrope_sections
 from ..modeling.rope import apply_rotary, mrope_slot_axes, multi_axis_angles, rope_inv_freq
 from ..modeling.vision import ArlowVLVisionModel
@@ -37,6 +38,7 @@ from .masking import WindowMask, sample_window_mask, window_positions
 __all__ = ["ArlowMAEConfig", "ArlowMAEForPreTraining", "MAEOutput", "mae_train_flops", "normalize_patches"]
 
 
+@declare_sub_configs
 @strict(accept_kwargs=True)
 class ArlowMAEConfig(PreTrainedConfig):
     r"""MAE pretraining wrapper config: the encoder's ``vision_config`` plus the decoder and the objective.
@@ -67,6 +69,7 @@ class ArlowMAEConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, dict) and self.vision_config.get("model_type") == "arlow":
             self.vision_config = {**self.vision_config, "model_type": "arlow_vision"}
+        build_sub_configs(self)
         super().__post_init__(**kwargs)
         if self.decoder_hidden_size % self.decoder_num_heads or (self.decoder_hidden_size // self.decoder_num_heads) % 2:
             raise ValueError(f"decoder_hidden_size ({self.decoder_hidden_size}) / decoder_num_heads "

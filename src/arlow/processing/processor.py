@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import (
-    _UNMARKED,
     MultiModalData,
     ProcessingKwargs,
     ProcessorMixin,
     TextKwargs,
 )
 
+from .._compat import UNMARKED
 from .image import ArlowImageProcessor, ArlowImageProcessorKwargs
 from .tokenizer import NAMED_MULTIMODAL_TOKENS, default_chat_template, load_default_tokenizer
 from .video import ArlowVideoProcessor, ArlowVideosKwargs, flatten_videos
@@ -121,8 +121,8 @@ class ArlowProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         start, end = re.escape(self.vision_start_token), re.escape(self.vision_end_token)
         self._placeholder_re = re.compile(
-            f"{_UNMARKED}(?P<image>(?:{start})?{re.escape(self.image_token)}(?:{end})?)"
-            f"|{_UNMARKED}(?P<video>(?:{start})?{re.escape(self.video_token)}(?:{end})?)"
+            f"{UNMARKED}(?P<image>(?:{start})?{re.escape(self.image_token)}(?:{end})?)"
+            f"|{UNMARKED}(?P<video>(?:{start})?{re.escape(self.video_token)}(?:{end})?)"
         )
 
     @classmethod
@@ -234,7 +234,7 @@ class ArlowProcessor(ProcessorMixin):
             ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
             for name in names:
                 token, token_id = getattr(self, name), getattr(self, f"{name}_id")
-                wanted = len(re.findall(_UNMARKED + re.escape(token), text))
+                wanted = len(re.findall(UNMARKED + re.escape(token), text))
                 got = ids.count(token_id)
                 if got != wanted:
                     raise ValueError(

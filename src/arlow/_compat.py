@@ -1,0 +1,66 @@
+"""Shims for the supported transformers range (>= 5.17, < 6).
+
+Each shim detects the feature rather than comparing version strings, and says which versions need it. The
+rest of the package imports these names from here instead of from transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.configuration_utils import PreTrainedConfig
+
+__all__ = ["UNMARKED", "build_sub_configs", "slice_logits_to_keep"]
+
+
+try:  # transformers >= 5.20 exports it; 5.17-5.19 slice inline in every model
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        """``(B, S, D)`` -> the rows whose logits are wanted.
+
+        ``int`` n: the last n positions (0 = all) -> ``(B, n, D)``; 1-D tensor: these positions for every row;
+        2-D integer ``(B, n)``: per-row positions -> ``(B, n, D)``; 2-D bool ``(B, S)``: the True rows, flattened
+        -> ``(num_true, D)``.
+        """
+        if isinstance(logits_to_keep, int):
+            return hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
+        if logits_to_keep.ndim == 2:
+            if logits_to_keep.dtype == torch.bool:
+                return hidden_states[logits_to_keep]
+            return torch.gather(
+                hidden_states, 1, logits_to_keep[..., None].expand(-1, -1, hidden_states.shape[-1])
+            )
+        return hidden_states[:, logits_to_keep, :]
+
+
+try:  # transformers >= 5.20 marks chat-template control tokens; 5.17-5.19 have no marks to skip
+    from transformers.processing_utils import _UNMARKED as UNMARKED
+except ImportError:
+    UNMARKED = ""
+
+
+def build_sub_configs(config: PreTrainedConfig) -> None:
+    """Turn ``None``/dict sub-configs of ``config`` into instances of ``type(config).sub_configs_defaults``.
+
+    transformers >= 5.20 does this in ``PreTrainedConfig.__post_init__`` (and skips instances); 5.17-5.19 only
+    know the ``sub_configs`` class map and leave the conversion to each config. Called before
+    ``super().__post_init__`` so both behave alike.
+    """
+    for key, spec in type(config).sub_configs_defaults.items():
+        cls = getattr(spec, "config_class", spec)  # 5.20+ wraps each class in a SubConfigSpec
+        value = getattr(config, key)
+        if value is None:
+            setattr(config, key, cls())
+        elif isinstance(value, dict):
+            setattr(config, key, cls(**value))
+
+
+def declare_sub_configs(cls: type) -> type:
+    """Class decorator: publish ``sub_configs_defaults`` as the ``sub_configs`` map on transformers 5.17-5.19.
+
+    5.20+ derive ``sub_configs`` from ``sub_configs_defaults`` themselves (a class property); 5.17-5.19 read
+    only ``sub_configs`` (attention-implementation propagation, ``to_dict``, loading).
+    """
+    if "sub_configs_defaults" not in vars(PreTrainedConfig):
+        cls.sub_configs = dict(cls.sub_configs_defaults)
+    return cls
