@@ -35,7 +35,15 @@ from arlow.finetune.freezing import (
     parameter_groups,
     trainable_report,
 )
-from arlow.finetune.lora import LoraSettings, apply_lora, check_quantization, load_adapter, merge_adapter, save_adapter
+from arlow.finetune.lora import (
+    LoraSettings,
+    apply_lora,
+    check_quantization,
+    load_adapter,
+    merge_adapter,
+    quantized_load_device,
+    save_adapter,
+)
 from arlow.finetune.sources import HFDataset, JsonLines, TarSamples, record_source
 from arlow.finetune.stage import build_model, finetune, load_recipe
 
@@ -452,6 +460,22 @@ def test_qlora_is_refused_clearly_without_a_gpu():
         build_model({"path": "nowhere"}, LoraSettings(enabled=True, quantization="4bit"))
     with pytest.raises(ValueError, match="needs lora.enabled"):
         LoraSettings(quantization="4bit")
+
+
+def test_quantized_load_device_follows_the_local_rank():
+    # 2 nodes x 4 processes on 8-GPU nodes: node 1's processes are ranks 4..7 with local ranks 0..3.
+    for rank in range(8):
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank % 4), "WORLD_SIZE": "8"}
+        assert quantized_load_device(env, 8) == rank % 4  # RANK % 8 would give 4..7 on node 1
+    assert quantized_load_device({"RANK": "5", "LOCAL_RANK": "5", "WORLD_SIZE": "8"}, 1) == 0  # one GPU visible
+    assert quantized_load_device({"RANK": "3", "WORLD_SIZE": "4"}, 4) == 3  # one node, no LOCAL_RANK
+    assert quantized_load_device({}, 2) == 0  # plain python
+    with pytest.raises(ValueError, match="export LOCAL_RANK"):
+        quantized_load_device({"RANK": "9", "WORLD_SIZE": "16"}, 8)
+    with pytest.raises(ValueError, match="LOCAL_RANK=4 but this process sees 2 GPUs"):
+        quantized_load_device({"LOCAL_RANK": "4"}, 2)
+    with pytest.raises(ValueError, match="sees none"):
+        quantized_load_device({"LOCAL_RANK": "0"}, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from arlow.configuration import default_mrope_sections
+from arlow.modeling.rope import apply_rotary, mrope_slot_axes
 from arlow.pretrain.mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from arlow.pretrain.masking import sample_window_mask, window_positions, windows_per_slice
 from arlow.processing.patches import patchify
@@ -141,3 +143,32 @@ def test_bad_input():
         model(torch.zeros(16, 10), torch.tensor([[1, 4, 4]]))
     with pytest.raises(ValueError, match="must be an even integer"):
         tiny_config(decoder_num_heads=3)
+
+
+def test_decoder_rotary_stays_fp32_under_bf16_cast():
+    torch.manual_seed(0)
+    model = ArlowMAEForPreTraining(tiny_config(decoder_hidden_size=64, decoder_num_heads=2))
+    grid = torch.tensor([[2, 16, 24]])  # windows up to (1, 7, 11): angles large enough for rounding to show
+    before = model.decoder_rotary(grid)
+    model.to(torch.bfloat16)
+    cos, sin = model.decoder_rotary(grid)
+    assert cos.dtype == sin.dtype == torch.float32
+    assert torch.equal(cos, before[0]) and torch.equal(sin, before[1])
+    # Independent float64 table: slot j turns with axis slot_axes[j] at theta ** (-2j / D).
+    head_dim = 32
+    pos = window_positions(grid, 2).double()
+    axes = mrope_slot_axes(default_mrope_sections(head_dim))
+    inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = pos[:, axes] * inv_freq
+    ref_cos, ref_sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    assert (cos.double() - ref_cos).abs().max() < 1e-5 and (sin.double() - ref_sin).abs().max() < 1e-5
+    # What a bf16-cast frequency buffer gave: errors two orders of magnitude larger.
+    rounded = pos[:, axes] * inv_freq.to(torch.bfloat16).double()
+    assert (rounded.cos() - angles.cos()).abs().max() > 1e-3
+    # The decoder's rotation of bf16 queries: the fp32 rotation rounded once to bf16.
+    q = torch.randn(1, 2, pos.shape[0], head_dim).to(torch.bfloat16)
+    got = apply_rotary(q, cos[None, None], sin[None, None])
+    half = q.double()[..., head_dim // 2:], q.double()[..., :head_dim // 2]
+    exact = q.double() * ref_cos + torch.cat([-half[0], half[1]], -1) * ref_sin
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.double(), exact, rtol=2**-8, atol=1e-6)

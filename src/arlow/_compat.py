@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_utils import PreTrainedModel
 
-__all__ = ["UNMARKED", "build_sub_configs", "slice_logits_to_keep"]
+__all__ = ["ActivationCheckpointingCompat", "UNMARKED", "build_sub_configs", "declare_sub_configs",
+           "slice_logits_to_keep"]
 
 
 try:  # transformers >= 5.20 exports it; 5.17-5.19 slice inline in every model
@@ -64,3 +66,16 @@ def declare_sub_configs(cls: type) -> type:
     if "sub_configs_defaults" not in vars(PreTrainedConfig):
         cls.sub_configs = dict(cls.sub_configs_defaults)
     return cls
+
+
+class ActivationCheckpointingCompat:
+    """Mixin for Arlow's ``PreTrainedModel`` classes: ``activation_checkpointing_enable`` on every version.
+
+    transformers 5.17-5.19 name it ``gradient_checkpointing_enable`` only (later versions keep that as a
+    deprecated alias); the mixin adds the new name when the base class lacks it and is empty otherwise.
+    """
+
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                               **kwargs)

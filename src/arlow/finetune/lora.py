@@ -14,6 +14,8 @@ CUDA GPU: on a machine without one the request is refused with a ``ValueError`` 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,6 +131,38 @@ def quantization_config(quantization: str):
     raise ValueError(f"unknown quantization {quantization!r}; use '4bit' or '8bit'")
 
 
+def quantized_load_device(env: Mapping[str, str], device_count: int) -> int:
+    """The CUDA device index this process loads its quantized weights on.
+
+    ``LOCAL_RANK`` (set per node by torchrun, ``accelerate launch`` and DeepSpeed) picks the GPU. ``RANK %
+    device_count`` agrees with it only when every node runs one process per visible GPU: with 4 processes on
+    each 8-GPU node, global rank 5 (node 1, local rank 1) would take GPU 5, which no process of that node
+    should use, and two nodes' processes double up. With one visible GPU per process (``CUDA_VISIBLE_DEVICES``
+    set per process) it is device 0 whatever the rank. Without ``LOCAL_RANK`` the global rank serves on a
+    single node (``WORLD_SIZE <= device_count``); a plain ``python`` run uses device 0.
+    """
+    if device_count < 1:
+        raise ValueError("quantized loading needs a CUDA GPU and torch sees none")
+    if "LOCAL_RANK" in env:
+        index, source = int(env["LOCAL_RANK"]), "LOCAL_RANK"
+    elif "RANK" in env:
+        if int(env.get("WORLD_SIZE", 1)) > device_count:
+            raise ValueError(
+                f"RANK is set but LOCAL_RANK is not, and WORLD_SIZE={env.get('WORLD_SIZE')} exceeds this node's "
+                f"{device_count} GPUs, so the GPU of this process is unknown; launch with torchrun or accelerate "
+                "launch, or export LOCAL_RANK (the process's index on its node)"
+            )
+        index, source = int(env["RANK"]), "RANK"
+    else:
+        return 0
+    if device_count == 1:
+        return 0
+    if not 0 <= index < device_count:
+        raise ValueError(f"{source}={index} but this process sees {device_count} GPUs (0..{device_count - 1}); "
+                         "check CUDA_VISIBLE_DEVICES and the launcher's --nproc_per_node")
+    return index
+
+
 def load_quantized(path: str | Path, quantization: str, attn_implementation: str = "sdpa",
                    gradient_checkpointing: bool = False):
     """Load a VLM folder quantized for QLoRA on this process's GPU, ready for :func:`apply_lora`."""
@@ -136,10 +170,8 @@ def load_quantized(path: str | Path, quantization: str, attn_implementation: str
     from peft import prepare_model_for_kbit_training
 
     from ..modeling.multimodal import ArlowForConditionalGeneration
-    from ..training import rank_and_world
 
-    device = torch.cuda.current_device() if torch.distributed.is_initialized() else rank_and_world()[0] % max(
-        torch.cuda.device_count(), 1)
+    device = quantized_load_device(os.environ, torch.cuda.device_count())
     model = ArlowForConditionalGeneration.from_pretrained(
         str(path), quantization_config=quantization_config(quantization), device_map={"": device},
         dtype=torch.bfloat16, attn_implementation=attn_implementation,

@@ -38,7 +38,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .._compat import slice_logits_to_keep
+from .._compat import ActivationCheckpointingCompat, slice_logits_to_keep
 from ..configuration import ArlowTextConfig
 from .kernels.linear import Linear, linear_then
 from .rope import apply_rotary, mrope_slot_axes, multi_axis_angles, rope_inv_freq
@@ -313,7 +313,7 @@ class ArlowDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + _dropout(mlp_out, self.resid_dropout, self.training)
 
 
-class ArlowTextPreTrainedModel(PreTrainedModel):
+class ArlowTextPreTrainedModel(ActivationCheckpointingCompat, PreTrainedModel):
     """Shared base of the text decoder and its heads (config class, init, backend flags)."""
 
     config_class = ArlowTextConfig

@@ -34,6 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils.generic import is_flash_attention_requested
 
+from .._compat import ActivationCheckpointingCompat
 from ..configuration import ArlowConfig, ArlowVisionConfig
 from . import kernels
 from .kernels.linear import Linear, linear, linear_then
@@ -370,7 +371,7 @@ class ArlowVLPatchMerger(nn.Module):
 # Models
 
 
-class ArlowPreTrainedModel(PreTrainedModel):
+class ArlowPreTrainedModel(ActivationCheckpointingCompat, PreTrainedModel):
     """Shared base of the Arlow vision models: attention back-ends, checkpointing and weight init."""
 
     config_class = ArlowConfig

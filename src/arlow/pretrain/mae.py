@@ -29,7 +29,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .._compat import build_sub_configs, declare_sub_configs
+from .._compat import ActivationCheckpointingCompat, build_sub_configs, declare_sub_configs
 from ..configuration import ArlowVisionConfig, default_mrope_sections
 from ..modeling.rope import apply_rotary, mrope_slot_axes, multi_axis_angles, rope_inv_freq
 from ..modeling.vision import ArlowVLVisionModel
@@ -124,7 +124,7 @@ class MAEDecoderBlock(GradientCheckpointingLayer):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
-class ArlowMAEForPreTraining(PreTrainedModel):
+class ArlowMAEForPreTraining(ActivationCheckpointingCompat, PreTrainedModel):
     """The MAE model. ``encoder`` is a plain ``ArlowVLVisionModel``; export it with ``export_encoder``."""
 
     config_class = ArlowMAEConfig
@@ -148,7 +148,6 @@ class ArlowMAEForPreTraining(PreTrainedModel):
         self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
         self.decoder_pred = nn.Linear(d, vc.spatial_merge_size**2 * vc.patch_dim)
         head_dim = d // config.decoder_num_heads
-        self.register_buffer("decoder_inv_freq", rope_inv_freq(head_dim, config.decoder_rope_theta), persistent=False)
         self.register_buffer("decoder_slot_axes", mrope_slot_axes(default_mrope_sections(head_dim)), persistent=False)
         self.post_init()
 
@@ -156,7 +155,6 @@ class ArlowMAEForPreTraining(PreTrainedModel):
         if module is self:
             init.normal_(self.mask_token, std=self.config.initializer_range)
             head_dim = self.config.decoder_hidden_size // self.config.decoder_num_heads
-            init.copy_(self.decoder_inv_freq, rope_inv_freq(head_dim, self.config.decoder_rope_theta))
             init.copy_(self.decoder_slot_axes, mrope_slot_axes(default_mrope_sections(head_dim)))
         elif isinstance(module, nn.Linear) and not self._is_encoder_module(module):
             init.xavier_uniform_(module.weight)  # MAE's decoder init
@@ -197,10 +195,7 @@ class ArlowMAEForPreTraining(PreTrainedModel):
         masked = mask.masked.to(latent.device)
         tokens = self.mask_token.to(vis.dtype).expand(masked.numel(), -1).clone()
         tokens[~masked] = vis
-        pos = window_positions(grid_thw, self.config.vision_config.spatial_merge_size).to(latent.device)
-        angles = multi_axis_angles(pos, self.decoder_inv_freq, self.decoder_slot_axes)
-        emb = torch.cat([angles, angles], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = self.decoder_rotary(grid_thw)
         # Items with the same number of windows attend in one batched call; no cross-item mask is needed.
         counts = mask.window_counts.tolist()
         starts = [0]
@@ -217,6 +212,21 @@ class ArlowMAEForPreTraining(PreTrainedModel):
             out[sel] = x.reshape(-1, x.shape[-1])
         vc = self.config.vision_config
         return self.decoder_pred(self.decoder_norm(out)).view(-1, vc.spatial_merge_size**2, vc.patch_dim)
+
+    def decoder_rotary(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` each ``(M, decoder_head_dim)`` float32: every window's 3-D rotary table, items concatenated.
+
+        The inverse frequencies are built from the config on the model's device at each call, not kept in a
+        buffer: a module cast (``model.to(torch.bfloat16)``, DeepSpeed's bf16/fp16 engines) would round a
+        floating-point buffer (3.7e-3 relative in bf16) and every decoder rotation with it.
+        """
+        device = self.mask_token.device
+        head_dim = self.config.decoder_hidden_size // self.config.decoder_num_heads
+        pos = window_positions(grid_thw, self.config.vision_config.spatial_merge_size).to(device)
+        inv_freq = rope_inv_freq(head_dim, self.config.decoder_rope_theta, device=device)
+        angles = multi_axis_angles(pos, inv_freq, self.decoder_slot_axes)
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos(), emb.sin()
 
     def forward_loss(self, pixel_values: torch.Tensor, pred: torch.Tensor, mask: WindowMask) -> torch.Tensor:
         """Per-patch MSE over the patches of masked windows (fp32)."""
