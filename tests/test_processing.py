@@ -505,7 +505,8 @@ def test_bad_media_raise_clear_errors(tmp_path, clip_path, processor):
 # ----------------------------------------------------------------------------------------------- save / load
 
 def test_processor_round_trip_through_auto_processor(tmp_path, clip_path):
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor  # 5.17: top level needs torchvision
 
     proc = ArlowProcessor(
         ArlowImageProcessor(min_pixels=28 * 28 * 2, max_pixels=28 * 28 * 8),

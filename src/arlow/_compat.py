@@ -79,3 +79,29 @@ class ActivationCheckpointingCompat:
         def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
             self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
                                                **kwargs)
+
+
+def offsets_in_prompt(offset_mapping: list, replacements: list[list[dict]]) -> list:
+    """Token character offsets in the expanded text -> offsets in the text before placeholder expansion.
+
+    transformers 5.17-5.18 match ``{% generation %}`` spans (positions in the rendered prompt) against the
+    processor's ``offset_mapping`` without asking for ``text_replacement_offsets``; later versions shift the spans
+    themselves. A token inside an expanded run maps to its placeholder's span; zero-width tokens stay put.
+
+    Args:
+        offset_mapping: per sample, ``(start, end)`` of every token in the expanded text.
+        replacements: per sample, the processor's replacement records (``span`` before, ``new_span`` after).
+    """
+    out = []
+    for offsets, spans in zip(offset_mapping, replacements):
+        def back(pos: int, is_end: bool, spans=spans) -> int:
+            gain = 0
+            for r in spans:
+                (start, end), (new_start, new_end) = r["span"], r["new_span"]
+                if (new_start < pos <= new_end) if is_end else (new_start <= pos < new_end):
+                    return end if is_end else start
+                if new_end <= pos:
+                    gain += (new_end - new_start) - (end - start)
+            return pos - gain
+        out.append([(s, e) if s == e else (back(s, False), back(e, True)) for s, e in offsets])
+    return out

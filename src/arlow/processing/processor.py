@@ -29,7 +29,7 @@ from transformers.processing_utils import (
     TextKwargs,
 )
 
-from .._compat import UNMARKED
+from .._compat import UNMARKED, offsets_in_prompt
 from .image import ArlowImageProcessor, ArlowImageProcessorKwargs
 from .tokenizer import NAMED_MULTIMODAL_TOKENS, default_chat_template, load_default_tokenizer
 from .video import ArlowVideoProcessor, ArlowVideosKwargs, flatten_videos
@@ -40,6 +40,8 @@ __all__ = ["ArlowProcessor", "ArlowProcessorKwargs", "flatten_images"]
 class ArlowProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: ArlowImageProcessorKwargs
     videos_kwargs: ArlowVideosKwargs
+    # transformers 5.17-5.19 read ``_defaults`` unconditionally, and a TypedDict does not inherit it; no defaults.
+    _defaults = {}
 
 
 def _is_single_image(x) -> bool:
@@ -91,6 +93,7 @@ class ArlowProcessor(ProcessorMixin):
 
     valid_processor_kwargs = ArlowProcessorKwargs
     return_mm_token_type_ids = False
+    _in_chat_template = False  # True while apply_chat_template runs (see offsets_in_prompt)
 
     def __init__(self, image_processor=None, tokenizer=None, video_config=None, chat_template=None):
         image_processor = image_processor if image_processor is not None else ArlowImageProcessor()
@@ -181,6 +184,9 @@ class ArlowProcessor(ProcessorMixin):
                 text_inputs["mm_token_type_ids"] = self.create_mm_token_type_ids(text_inputs["input_ids"])
             if return_offsets:
                 text_inputs["text_replacement_offsets"] = offsets
+            elif self._in_chat_template and "offset_mapping" in text_inputs:
+                # The caller matches assistant spans in the rendered prompt (transformers 5.17-5.18).
+                text_inputs["offset_mapping"] = offsets_in_prompt(text_inputs["offset_mapping"], offsets)
             data = {**text_inputs, **data}
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
@@ -254,8 +260,12 @@ class ArlowProcessor(ProcessorMixin):
         processing_keys -= {"return_tensors"}  # apply_chat_template's own argument
         moved = {key: kwargs.pop(key) for key in list(kwargs) if key in processing_keys}
         processor_kwargs = {**moved, **(processor_kwargs or {})}
-        return super().apply_chat_template(conversation, chat_template=chat_template,
-                                           processor_kwargs=processor_kwargs, **kwargs)
+        self._in_chat_template = True
+        try:
+            return super().apply_chat_template(conversation, chat_template=chat_template,
+                                               processor_kwargs=processor_kwargs, **kwargs)
+        finally:
+            self._in_chat_template = False
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         """Decode generated ids: a batch ``(B, L)`` -> list of strings, one sequence ``(L,)`` -> a string."""
