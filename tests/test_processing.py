@@ -545,3 +545,18 @@ def test_default_processor_needs_no_arguments():
     assert proc.image_token == "<image>" and proc.video_token_id == proc.tokenizer.video_token_id
     with pytest.raises(ValueError, match="disagree on merge_size"):
         ArlowProcessor(ArlowImageProcessor(merge_size=1), proc.tokenizer)
+
+
+def test_offsets_in_prompt_map_expanded_tokens_back():
+    from arlow._compat import offsets_in_prompt
+
+    # prompt "ab<image>cd" -> expanded "ab" + "<s><image><image><e>" + "cd" (run of 20 chars replaces 7)
+    prompt = "ab<image>cd"
+    run = "<s>" + "<image>" * 2 + "<e>"
+    expanded = "ab" + run + "cd"
+    spans = [{"span": (2, 9), "new_span": (2, 2 + len(run))}]
+    tokens = [(0, 0), (0, 2), (2, 5), (5, 12), (12, 19), (19, 22), (22, 23), (23, 24)]  # pad, ab, run x4, c, d
+    assert expanded[22:24] == "cd"
+    got = offsets_in_prompt([tokens], [spans])[0]
+    assert got == [(0, 0), (0, 2), (2, 9), (2, 9), (2, 9), (2, 9), (9, 10), (10, 11)]
+    assert [prompt[s:e] for s, e in got[-2:]] == ["c", "d"]

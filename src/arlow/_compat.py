@@ -11,7 +11,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_utils import PreTrainedModel
 
 __all__ = ["ActivationCheckpointingCompat", "UNMARKED", "build_sub_configs", "declare_sub_configs",
-           "slice_logits_to_keep"]
+           "offsets_in_prompt", "slice_logits_to_keep"]
 
 
 try:  # transformers >= 5.20 exports it; 5.17-5.19 slice inline in every model

@@ -572,7 +572,7 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
             present = {k: model_kwargs.pop(k) for k in keys if k is not None and model_kwargs.get(k) is not None}
             if present:
                 media[kind] = present
-        # Multi-axis positions (4, B, S) repeat along dim 1 (transformers 5.17-5.19 would repeat dim 0).
+        # Multi-axis positions (4, B, S) repeat along dim 1 (transformers 5.17-5.18 would repeat dim 0).
         positions = model_kwargs.pop("position_ids", None)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
