@@ -40,7 +40,7 @@ from .modeling.text import ArlowForCausalLM
 from .processing import ArlowImageProcessor, ArlowProcessor, ArlowVideoProcessor, load_default_tokenizer
 from .processing.tokenizer import EOS_TOKEN, MULTIMODAL_SPECIAL_TOKENS, NAMED_MULTIMODAL_TOKENS, default_chat_template
 
-__all__ = ["PRESETS", "build_preset", "assemble", "save_model_dir", "create_model", "add_arguments", "run"]
+__all__ = ["PRESETS", "build_preset", "assemble", "save_model_dir", "create_model", "run"]
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
@@ -327,19 +327,6 @@ def create_model(output: str | Path, *, preset: str | None = None, vision_encode
             raise ValueError("--tokenizer applies to --text-model; presets use the built-in tokenizer")
         model, processor = build_preset(preset, text_only=text_only, seed=seed)
     return save_model_dir(model, processor, output, overwrite=overwrite, dtype=dtype)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output", help="folder to write (config.json, model.safetensors, processor, tokenizer)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a preset size")
-    parser.add_argument("--text-only", action="store_true", help="with --preset: write only the ArlowForCausalLM")
-    parser.add_argument("--vision-encoder", help="vision_encoder/ export (or the checkpoint-N/ folder holding it)")
-    parser.add_argument("--text-model", help="ArlowForCausalLM folder (see python -m arlow.modeling.convert_llm)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the text model's, else the built-in one)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="dtype of the saved weights (default: as built/loaded)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random preset weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from .features import extract_features, load_encoder, random_encoder
 from .knn import knn_accuracy
 from .linear_probe import LinearProbeConfig, probe_accuracy, train_linear_probe
 
-__all__ = ["probe_encoder", "summary_line", "add_arguments", "run"]
+__all__ = ["probe_encoder", "summary_line", "run"]
 
 
 def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: int = 0, dataset=None, train=None,
@@ -119,49 +119,13 @@ def summary_line(result: dict) -> str:
             f"{result['num_classes']} classes, dim {result['feature_dim']}{skipped} | {result['encoder']}")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("encoder", nargs="?", default=None,
-                        help="exported vision_encoder/ folder or pretraining checkpoint-N/ folder")
-    parser.add_argument("--random-init", default=None, metavar="CONFIG.json|RECIPE",
-                        help="probe a randomly initialised encoder of this config JSON or pretraining recipe instead")
-    parser.add_argument("--init-seed", type=int, default=0,
-                        help="seed of --random-init (a recipe with its train.seed gives the run's initial encoder)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=None,
-                      help="class-folder tree, datasets save_to_disk folder, or CSV of path,label (split by --seed)")
-    data.add_argument("--train", default=None, help="training split (same forms as --dataset); needs --test")
-    data.add_argument("--test", default=None, help="test split (same forms as --dataset); needs --train")
-    data.add_argument("--test-fraction", type=float, default=0.2, help="test share of --dataset, per class")
-    data.add_argument("--image-column", default="image", help="image column of a datasets folder")
-    data.add_argument("--label-column", default="label", help="integer label column of a datasets folder")
-    data.add_argument("--split", default="train", help="split of a saved DatasetDict used for --dataset / --train")
-    data.add_argument("--test-split", default="test", help="split of a saved DatasetDict used for --test")
-    data.add_argument("--resolution", type=int, default=224, help="square side in pixels, a multiple of 28")
-    data.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--deepstack", action="store_true",
-                            help="append the DeepStack levels' mean tokens to the feature")
-    evaluation.add_argument("--k", type=int, default=20, help="k-NN neighbours")
-    evaluation.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature")
-    evaluation.add_argument("--epochs", type=int, default=LinearProbeConfig.epochs, help="linear probe epochs")
-    evaluation.add_argument("--lr", type=float, default=LinearProbeConfig.learning_rate, help="linear probe peak lr")
-    evaluation.add_argument("--probe-batch-size", type=int, default=LinearProbeConfig.batch_size,
-                            help="linear probe mini-batch")
-    evaluation.add_argument("--seed", type=int, default=0, help="seeds the split and the linear probe")
-    parser.add_argument("--output", default="probe_results.json", help="JSON result file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for feature extraction (default: torch's; 1 is often faster on a "
-                             "busy machine)")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    linear = LinearProbeConfig(epochs=args.epochs, batch_size=args.probe_batch_size, learning_rate=args.lr,
-                               seed=args.seed)
+    given = dict(epochs=args.epochs, batch_size=args.probe_batch_size, learning_rate=args.lr)
+    linear = LinearProbeConfig(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
     result = probe_encoder(
         args.encoder, random_init=args.random_init, init_seed=args.init_seed, dataset=args.dataset,
         train=args.train, test=args.test, resolution=args.resolution, test_fraction=args.test_fraction,

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from .stage import add_common_arguments, run_stage
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, "sft")
+from .stage import run_stage
 
 
 def run(args: argparse.Namespace) -> int:

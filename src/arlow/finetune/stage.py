@@ -34,7 +34,7 @@ from .freezing import apply_freezing, format_report, optimizer_groups, trainable
 from .lora import LoraSettings, apply_lora, check_quantization, load_quantized, merge_adapter, save_adapter
 
 __all__ = ["STAGES", "recipe_path", "model_folder", "load_recipe", "build_model", "build_data", "finetune", "MODEL_DIR",
-           "ADAPTER_DIR", "add_common_arguments", "run_stage"]
+           "ADAPTER_DIR", "run_stage"]
 
 logger = logging.getLogger("arlow.finetune")
 
@@ -310,14 +310,6 @@ def finetune(tree: dict, stage: str) -> dict:
     if summary.get("last_checkpoint"):
         summary["model_dir"] = str(Path(summary["last_checkpoint"]) / MODEL_DIR)
     return summary
-
-
-def add_common_arguments(parser, stage: str) -> None:
-    parser.add_argument("--config", default=None,
-                        help=f"recipe YAML, or a shipped recipe name (default: {STAGES[stage][2]})")
-    parser.add_argument("--resume", default=None, help='"latest" or a checkpoint directory (same as train.resume=...)')
-    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
 
 
 def run_stage(args, stage: str) -> int:

@@ -32,7 +32,7 @@ from ..processing.image import ArlowImageProcessor
 from ..processing.video import ArlowVideoProcessor
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining
 
-__all__ = ["export_checkpoint", "load_mae_checkpoint", "add_arguments", "run"]
+__all__ = ["export_checkpoint", "load_mae_checkpoint", "run"]
 
 MAE_CONFIG = "mae_config.json"  # written by the pretraining run into every engine checkpoint
 
@@ -150,11 +150,6 @@ def load_mae_checkpoint(path: str | Path) -> tuple[ArlowMAEForPreTraining, dict]
         raise ValueError(f"{path} holds no MAE checkpoint: expected vision_encoder/ + mae_decoder/, or "
                          f"{MAE_CONFIG} + model.safetensors, or an ArlowMAEForPreTraining directory")
     return model.eval(), meta
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint-N/ directory written by `arlow pretrain`")
-    parser.add_argument("--output", default=None, help="where to write the export (default: inside the checkpoint)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from ..processing.patches import unpatchify
 from .mae import ArlowMAEForPreTraining, normalize_patches
 from .masking import window_positions
 
-__all__ = ["reconstruct_items", "reconstruction_grid", "save_reconstruction_grid", "add_arguments", "run"]
+__all__ = ["reconstruct_items", "reconstruction_grid", "save_reconstruction_grid", "run"]
 
 
 def _denormalize_from_visible(pred: torch.Tensor, rows: torch.Tensor, masked: torch.Tensor, positions: torch.Tensor,
@@ -130,18 +130,6 @@ def save_reconstruction_grid(model: ArlowMAEForPreTraining, batch: dict, path: s
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="a pretraining checkpoint directory (checkpoint-N/) or an MAE model directory")
-    parser.add_argument("--inputs", nargs="+", required=True, help="image and/or video files")
-    parser.add_argument("--output", default="reconstruction.png", help="PNG file to write")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="square side in pixels (multiple of 28); default: the checkpoint's training resolution")
-    parser.add_argument("--clip-frames", type=int, default=8, help="frames sampled from each video")
-    parser.add_argument("--mask-ratio", type=float, default=None, help="default: the model's mask ratio")
-    parser.add_argument("--seed", type=int, default=0, help="masking seed")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from .export import MAE_CONFIG, export_checkpoint, load_mae_checkpoint
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from .reconstruct import save_reconstruction_grid
 
-__all__ = ["RECIPES", "load_recipe", "build_model", "build_data", "pretrain", "add_arguments", "run"]
+__all__ = ["RECIPES", "load_recipe", "build_model", "build_data", "pretrain", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,15 +148,6 @@ def _preview_batch(data_section: dict | None, vision_config, num_items: int):
         return None
     batch = collate_items(rows, grids)
     return {"pixel_values": batch["pixel_values"], "grid_thw": batch["grid_thw"]}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None,
-                        help=f"recipe YAML, or a shipped recipe name {RECIPES} (default: tiny_demo, a few minutes "
-                             "on a 2-core CPU with the built-in media)")
-    parser.add_argument("--resume", default=None, help='"latest" or a checkpoint directory (same as train.resume=...)')
-    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
 
 
 def run(args: argparse.Namespace) -> int:
