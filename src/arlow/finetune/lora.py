@@ -240,8 +240,3 @@ def merge_adapter(model) -> nn.Module:
     if not hasattr(model, "merge_and_unload"):
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to merge")
     return model.merge_and_unload()
-
-
-def adapter_summary(directory: str | Path) -> dict:
-    """``adapter_config.json`` of an adapter folder (for reports)."""
-    return json.loads((Path(directory) / "adapter_config.json").read_text())

@@ -27,7 +27,6 @@ __all__ = [
     "mrope_slot_axes",
     "multi_axis_angles",
     "vision_patch_positions",
-    "vision_seq_lengths",
     "cu_seqlens_from_lengths",
 ]
 
@@ -173,11 +172,6 @@ def vision_patch_positions(grid_thw: torch.Tensor, merge_size: int) -> torch.Ten
     if not out:
         return torch.zeros(0, 3, dtype=torch.long)
     return torch.cat(out).to(grid_thw.device)
-
-
-def vision_seq_lengths(grid_thw: torch.Tensor) -> torch.Tensor:
-    """``(n_items,)`` number of patches of each item, ``t * h * w``."""
-    return grid_thw.prod(dim=-1)
 
 
 def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
