@@ -28,7 +28,8 @@ from packing_strategies import STRATEGIES, check, packing  # noqa: E402
 
 from arlow import ArlowVisionConfig, ArlowVLVisionModel  # noqa: E402
 from arlow.modeling.kernels.linear import set_onednn_linear  # noqa: E402
-from arlow.training.mfu import linear_flops, measure_matmul_peak, vit_forward_flops  # noqa: E402
+from arlow.modeling.vision import vision_forward_flops  # noqa: E402
+from arlow.training.mfu import measure_matmul_peak  # noqa: E402
 
 # (t, h, w) patch grids of eight images after an aspect-preserving resize to multiples of 28 px:
 # 224x224, 224x336, 336x224, 448x448, 112x560, 280x392, 168x168, 392x280.
@@ -57,12 +58,8 @@ def build_models(depth: int, embed: int, heads: int, dtype: torch.dtype):
 
 def encoder_flops(grids, config: ArlowVisionConfig) -> float:
     """Model FLOPs of one forward of either encoder on ``grids`` (the same arithmetic in both: patch embedding,
-    blocks with attention within each image, 2x2 merger); norms, activations and RoPE are not counted."""
-    lengths = [t * h * w for t, h, w in grids]
-    width, merged = config.embed_dim, config.embed_dim * config.spatial_merge_size**2
-    tokens = sum(lengths) // config.spatial_merge_size**2
-    return (vit_forward_flops(lengths, config.depth, width, int(width * config.mlp_ratio), config.patch_dim)
-            + linear_flops(tokens, merged, merged) + linear_flops(tokens, merged, config.hidden_size))
+    blocks with attention within each image, 2x2 merger; the benchmark's configs have no DeepStack taps)."""
+    return vision_forward_flops(config, [t * h * w for t, h, w in grids])
 
 
 def random_pack(grids, patch_dim: int, dtype: torch.dtype):

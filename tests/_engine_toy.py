@@ -111,7 +111,8 @@ def build_model(spec: ToySpec) -> ToyModel:
 
 def toy_flops(spec: ToySpec):
     """flops_per_batch for ToyModel: 3 x forward of the two linear layers (norm/activation ignored)."""
-    from arlow.training.mfu import linear_flops, train_flops
+    from arlow.modeling.flops import linear_flops
+    from arlow.training.mfu import train_flops
 
     def flops(batch):
         n = batch["x"].shape[0]

@@ -29,7 +29,7 @@ from arlow.training import (  # noqa: E402
 )
 from arlow.training.checkpoint import find_latest_checkpoint, list_checkpoints  # noqa: E402
 from arlow.training.logs import FIELDS, read_log  # noqa: E402
-from arlow.training.mfu import measure_matmul_peak, vit_forward_flops  # noqa: E402
+from arlow.training.mfu import measure_matmul_peak  # noqa: E402
 
 TOY_SCRIPT = Path(__file__).parent / "_engine_toy.py"
 
@@ -415,12 +415,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 # ---------------------------------------------------------------- FLOP accounting
 
 
-def test_flop_helpers_and_measured_peak():
-    # peers-and-anchors C.1: ViT-B/16 at 224 px (197 tokens) = 35.13 GFLOPs forward, ViT-L/16 = 123.1.
-    assert vit_forward_flops([197], 12, 768, 3072, 768) / 1e9 == pytest.approx(35.13, abs=0.01)
-    assert vit_forward_flops([197], 24, 1024, 4096, 768) / 1e9 == pytest.approx(123.1, abs=0.05)
-    # Packed items do not attend across: two 100-token items cost less attention than one 200-token sequence.
-    assert vit_forward_flops([100, 100], 1, 64, 256, 10) < vit_forward_flops([200], 1, 64, 256, 10)
+def test_measured_peak():
     rng = torch.get_rng_state()
     peak = measure_matmul_peak(torch.float32, "cpu", size=256)
     assert torch.equal(rng, torch.get_rng_state())  # measuring must not move the global RNG (exact resume)

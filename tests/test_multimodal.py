@@ -583,3 +583,21 @@ def test_assembly_checks_widths_tokens_and_weights(tmp_path):
         assemble(checkpoint, text_dir)
     with pytest.raises(ValueError, match="'arlow_text' one is needed"):
         assemble(checkpoint, checkpoint / "vision_encoder")
+
+
+def test_flop_formulas_count_every_decoder_matrix():
+    """``decoder_forward_flops`` is 2 FLOPs per weight of every layer matrix and the LM head per token (the dense
+    rule); ``vlm_forward_flops`` adds the encoder's formula."""
+    from arlow.modeling.multimodal import vlm_forward_flops
+    from arlow.modeling.text import decoder_forward_flops
+    from arlow.modeling.vision import vision_forward_flops
+
+    model = tiny_model()
+    text = model.config.text_config
+    weights = sum(m.weight.numel() for name, m in model.model.language_model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
+    weights += text.hidden_size * text.vocab_size
+    assert decoder_forward_flops(text, 10) == 2 * weights * 10
+    assert vlm_forward_flops(model.config, 10, [16, 64]) == \
+        decoder_forward_flops(text, 10) + vision_forward_flops(model.config.vision_config, [16, 64])
+    assert vlm_forward_flops(model.config, 10, []) == decoder_forward_flops(text, 10)

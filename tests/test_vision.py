@@ -722,3 +722,31 @@ def test_bad_input_raises_value_error(case):
     with pytest.raises(ValueError, match=message):
         model(*args[:2], patch_positions=args[2] if len(args) > 2 else None,
               seq_lengths=args[3] if len(args) > 3 else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_flop_formula_matches_the_anchors_and_the_layers():
+    from arlow.modeling.flops import linear_flops, transformer_block_flops
+    from arlow.modeling.vision import vision_forward_flops
+
+    # peers-and-anchors C.1: ViT-B/16 at 224 px (197 tokens) = 35.13 GFLOPs forward, ViT-L/16 = 123.1.
+    assert (linear_flops(197, 768, 768) + 12 * transformer_block_flops([197], 768, 3072)) / 1e9 == \
+        pytest.approx(35.13, abs=0.01)
+    assert (linear_flops(197, 768, 1024) + 24 * transformer_block_flops([197], 1024, 4096)) / 1e9 == \
+        pytest.approx(123.1, abs=0.05)
+    # Packed items do not attend across: two 100-token items cost less attention than one 200-token sequence.
+    assert transformer_block_flops([100, 100], 64, 256) < transformer_block_flops([200], 64, 256)
+    # The encoder's formula counts 2 FLOPs per multiply-add of every matrix its modules hold, plus attention.
+    cfg = tiny_config(use_progressive_patches=True, deepstack_visual_indexes=[0])
+    model = ArlowVLVisionModel(cfg)
+    lengths = [32, 16]
+    rows, tokens = sum(lengths), sum(lengths) // (S * S)
+    per_row = sum(m.weight.numel() for name, m in model.named_modules()
+                  if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)) and "merger" not in name)
+    per_token = sum(m.weight.numel() for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and "merger" in name)
+    attention = cfg.depth * 4 * cfg.embed_dim * sum(n * n for n in lengths)
+    assert vision_forward_flops(cfg, lengths) == 2 * rows * per_row + 2 * tokens * per_token + attention

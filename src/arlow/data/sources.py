@@ -18,6 +18,7 @@ decoded raises :class:`~arlow.data.clips.UnreadableMediaError` with the reason, 
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -226,8 +227,6 @@ def expand_shards(spec) -> list[str]:
         return [p for option in match.group(1).split(",")
                 for p in expand_shards(spec[:match.start()] + option + spec[match.end():])]
     if any(c in spec for c in "*?["):
-        import glob
-
         found = sorted(glob.glob(spec))
         if not found:
             raise ValueError(f"no files match {spec}")

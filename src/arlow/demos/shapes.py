@@ -25,6 +25,19 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import torch
+
+from ..assemble import create_model
+from ..configuration import ArlowTextConfig
+from ..data.shapes import MEDIA_SETTINGS, eval_items, write_shapes_dataset
+from ..finetune.scoring import accuracy_by_task
+from ..finetune.stage import finetune, load_recipe, model_folder
+from ..modeling.multimodal import ArlowForConditionalGeneration
+from ..modeling.text import ArlowForCausalLM
+from ..pretrain.run import load_recipe as load_pretrain_recipe, pretrain
+from ..processing import ArlowImageProcessor, ArlowProcessor, ArlowVideoProcessor, load_default_tokenizer
+from ..training.logs import read_log
+
 __all__ = ["DemoSettings", "SHORT", "FULL", "run_pipeline", "configure_processor", "evaluate"]
 
 
@@ -63,9 +76,6 @@ def _log_every(steps: int) -> int:
 def configure_processor(model_dir: str | Path) -> None:
     """Give the model folder's processor the demo's media settings (:data:`arlow.data.shapes.MEDIA_SETTINGS`),
     so that ``AutoProcessor.from_pretrained(model_dir)`` keeps 112 px images and samples the clips' 8 frames."""
-    from ..processing import ArlowImageProcessor, ArlowProcessor, ArlowVideoProcessor
-    from ..data.shapes import MEDIA_SETTINGS
-
     processor = ArlowProcessor.from_pretrained(str(model_dir))
     ip = processor.image_processor
     patching = dict(patch_size=ip.patch_size, temporal_patch_size=ip.temporal_patch_size, merge_size=ip.merge_size)
@@ -86,12 +96,6 @@ def write_text_model(folder: str | Path, settings: DemoSettings) -> Path:
     0.056 rad per token, so a 4 x 4 grid of vision tokens spans under 0.2 rad left to right and positions are nearly
     invisible to attention. Head dim 32 with ``rope_theta`` 1e4 gives 0.32 rad per token on w (0.56 on h).
     """
-    import torch
-
-    from ..configuration import ArlowTextConfig
-    from ..modeling.text import ArlowForCausalLM
-    from ..processing import load_default_tokenizer
-
     tokenizer = load_default_tokenizer()
     config = ArlowTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=settings.text_layers,
@@ -107,12 +111,6 @@ def write_text_model(folder: str | Path, settings: DemoSettings) -> Path:
 
 def evaluate(model_dir: str | Path, eval_file: str | Path) -> dict:
     """Accuracy per task of the model folder (or run folder) on the held-out questions of ``eval_file``."""
-    from ..modeling.multimodal import ArlowForConditionalGeneration
-    from ..processing import ArlowProcessor
-    from ..data.shapes import eval_items
-    from ..finetune.scoring import accuracy_by_task
-    from ..finetune.stage import model_folder
-
     folder = model_folder(model_dir)
     model = ArlowForConditionalGeneration.from_pretrained(str(folder))
     processor = ArlowProcessor.from_pretrained(str(folder))
@@ -121,13 +119,6 @@ def evaluate(model_dir: str | Path, eval_file: str | Path) -> dict:
 
 def run_pipeline(root: str | Path, settings: DemoSettings = FULL, blank: bool = False, log=print) -> dict:
     """Run the whole demonstration under ``root`` (data, every stage's run folder, ``results.json``)."""
-    from ..assemble import create_model
-    from ..pretrain.run import load_recipe as load_pretrain_recipe
-    from ..pretrain.run import pretrain
-    from ..training.logs import read_log
-    from ..data.shapes import write_shapes_dataset
-    from ..finetune.stage import finetune, load_recipe
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     extra = settings.overrides

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..configuration import ArlowVisionConfig
-from ..modeling.vision import ArlowVLVisionModel
 from ..data.augment import center_crop_box, crop_frames, frames_to_tensor, image_normalisation
 from ..data.clips import UnreadableMediaError
+from ..modeling.vision import ArlowVLVisionModel
+from ..pretrain.run import build_model, load_recipe
 from ..processing.patches import pad_frames, patchify
 from .datasets import LabelledImages
 
@@ -82,8 +84,6 @@ def random_encoder(spec, seed: int = 0) -> tuple[ArlowVLVisionModel, str]:
             torch.manual_seed(seed)
             encoder = ArlowVLVisionModel(config)
         else:
-            from ..pretrain.run import build_model, load_recipe
-
             tree = load_recipe(text)
             torch.manual_seed(seed)
             encoder = build_model(tree.get("model")).encoder
@@ -140,8 +140,6 @@ def extract_features(encoder: ArlowVLVisionModel, images: LabelledImages, resolu
                      deepstack: bool = False, progress: bool = True, desc: str = "features") -> Features:
     """Mean-pooled merged tokens of every readable image (see the module docstring), ``batch_size`` images per
     encoder call. Unreadable images are skipped, counted and logged; ``ValueError`` if none is readable."""
-    from tqdm.auto import tqdm
-
     config = encoder.config
     check_resolution(resolution, config)
     if batch_size < 1:

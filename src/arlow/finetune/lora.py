@@ -13,15 +13,17 @@ CUDA GPU: on a machine without one the request is refused with a ``ValueError`` 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import BitsAndBytesConfig
 
+from ..modeling.multimodal import ArlowForConditionalGeneration
 from .freezing import _plain_name, group_of
 
 __all__ = ["LORA_TARGETS", "LoraSettings", "apply_lora", "save_adapter", "load_adapter", "merge_adapter",
@@ -120,8 +122,6 @@ def check_quantization(quantization: str | None) -> None:
 def quantization_config(quantization: str):
     """bitsandbytes settings: NF4 + double quantization + bf16 compute (4-bit) or LLM.int8 (8-bit). The vision
     tower and the LM head stay in full precision (small, and sensitive)."""
-    from transformers import BitsAndBytesConfig
-
     skip = ["visual", "lm_head"]
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -169,8 +169,6 @@ def load_quantized(path: str | Path, quantization: str, attn_implementation: str
     check_quantization(quantization)
     from peft import prepare_model_for_kbit_training
 
-    from ..modeling.multimodal import ArlowForConditionalGeneration
-
     device = quantized_load_device(os.environ, torch.cuda.device_count())
     model = ArlowForConditionalGeneration.from_pretrained(
         str(path), quantization_config=quantization_config(quantization), device_map={"": device},
@@ -199,8 +197,6 @@ def apply_lora(model: nn.Module, settings: LoraSettings):
 
 def save_adapter(model, directory: str | Path) -> Path:
     """Write the adapters of a PEFT-wrapped VLM and the full tensors of its other trainable parameters."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))
@@ -214,7 +210,6 @@ def save_adapter(model, directory: str | Path) -> Path:
 def load_adapter(base: nn.Module, directory: str | Path, is_trainable: bool = False):
     """``base`` VLM + the adapter folder written by :func:`save_adapter` -> the PEFT model that was saved."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():

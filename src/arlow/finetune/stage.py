@@ -20,14 +20,22 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from importlib import resources
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors.torch import load_file
 
+from ..assemble import assemble, build_preset, save_model_dir
+from ..data.shapes import MEDIA_SETTINGS, write_shapes_dataset
+from ..modeling.multimodal import ArlowForConditionalGeneration, vlm_forward_flops
+from ..processing import ArlowProcessor
 from ..training import TrainConfig, Trainer, rank_and_world
+from ..training.checkpoint import list_checkpoints
 from ..training.config import apply_overrides, load_yaml
-from ..training.mfu import dense_train_flops, train_flops, vit_forward_flops
+from ..training.mfu import train_flops
 from .data import FinetuneData
 from .examples import ExampleEncoder
 from .freezing import apply_freezing, format_report, optimizer_groups, trainable_report
@@ -91,8 +99,6 @@ def load_recipe(stage: str, config: str | None = None, overrides: list[str] | No
 def model_folder(path: str | Path) -> Path:
     """A model folder; a fine-tuning ``checkpoint-N/`` (its ``model/``); or a fine-tuning run's ``output_dir`` (the
     ``model/`` of its newest complete checkpoint)."""
-    from ..training.checkpoint import list_checkpoints
-
     path = Path(path)
     if (path / MODEL_DIR / "config.json").is_file():
         return path / MODEL_DIR
@@ -108,10 +114,6 @@ def model_folder(path: str | Path) -> Path:
 def build_model(section: dict, lora: LoraSettings | None = None):
     """``(model, processor)`` from the ``model`` section: ``path`` (a VLM folder), ``vision_encoder`` +
     ``text_model`` (assembled as ``arlow create-model`` does), or ``preset`` (random weights)."""
-    from ..assemble import assemble, build_preset
-    from ..modeling.multimodal import ArlowForConditionalGeneration
-    from ..processing import ArlowProcessor
-
     section = dict(section or {})
     attn = section.get("attn_implementation", "sdpa")
     sources = [k for k in ("path", "preset") if section.get(k)] + (
@@ -152,8 +154,6 @@ def build_model(section: dict, lora: LoraSettings | None = None):
 def shapes_demo_data(output_dir: str | Path, task: str) -> Path:
     """``data.train: shapes``: the generated shapes data set (:mod:`arlow.data.shapes`), written once next to
     the run (``<output_dir>/../shapes-data``); captions for alignment, conversations for instruction tuning."""
-    from ..data.shapes import write_shapes_dataset
-
     root = Path(output_dir).resolve().parent / "shapes-data"
     done = root / "shapes.json"
     rank, _ = rank_and_world()
@@ -161,8 +161,6 @@ def shapes_demo_data(output_dir: str | Path, task: str) -> Path:
         if rank == 0:
             write_shapes_dataset(root, train_images=200, train_clips=80, eval_images=40, eval_clips=20)
         else:  # the other ranks wait for rank 0 (no process group exists yet)
-            import time
-
             for _ in range(600):
                 if done.is_file():
                     break
@@ -171,8 +169,6 @@ def shapes_demo_data(output_dir: str | Path, task: str) -> Path:
 
 
 def build_data(section: dict, processor, task: str, seed: int, output_dir: str | Path = ".") -> FinetuneData:
-    from ..data.shapes import MEDIA_SETTINGS
-
     section = dict(section or {})
     if "train" not in section:
         raise ValueError("data.train is required: a .jsonl file, a saved datasets folder or .tar shards")
@@ -188,28 +184,15 @@ def build_data(section: dict, processor, task: str, seed: int, output_dir: str |
 
 
 def _flops_estimate(model):
-    """``batch -> FLOPs`` of forward + backward: ``6 N T`` for the decoder (embeddings excluded, LM head included)
-    plus 3x the vision encoder's forward over the batch's items."""
-    cfg = model.config
-    text, vision = cfg.text_config, cfg.vision_config
-    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-    head = text.hidden_size * text.vocab_size
-    mlp_hidden = int(vision.embed_dim * vision.mlp_ratio)
+    """``batch -> FLOPs`` of forward + backward (:func:`arlow.modeling.multimodal.vlm_forward_flops`)."""
+    config = model.config
 
     def flops(batch) -> float:
-        total = dense_train_flops(layers + head, int(batch["attention_mask"].sum()))
-        for key in ("image_grid_thw", "video_grid_thw"):
-            if batch.get(key) is not None:
-                lengths = batch[key].prod(-1).tolist()
-                total += train_flops(vit_forward_flops(lengths, vision.depth, vision.embed_dim, mlp_hidden,
-                                                       vision.patch_dim))
-        return total
+        lengths = [n for key in ("image_grid_thw", "video_grid_thw") if batch.get(key) is not None
+                   for n in batch[key].prod(-1).tolist()]
+        return train_flops(vlm_forward_flops(config, int(batch["attention_mask"].sum()), lengths))
 
     return flops
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint export
 
 
 def _unwrap_peft(model):
@@ -224,10 +207,6 @@ def _needs_master_weights(model) -> bool:
 
 
 def _master_copy(model, checkpoint_dir: Path, lora: LoraSettings | None):
-    from safetensors.torch import load_file
-
-    from ..modeling.multimodal import ArlowForConditionalGeneration
-
     fresh = ArlowForConditionalGeneration(copy.deepcopy(_unwrap_peft(model).config))
     fresh.generation_config = copy.deepcopy(_unwrap_peft(model).generation_config)
     if lora is not None and lora.enabled:
@@ -244,8 +223,6 @@ def _master_copy(model, checkpoint_dir: Path, lora: LoraSettings | None):
 
 def export_checkpoint(model, processor, checkpoint_dir: Path, lora: LoraSettings | None, meta: dict) -> Path:
     """Write ``checkpoint_dir/model/`` (and ``adapter/`` with LoRA) from the engine's unwrapped model."""
-    from ..assemble import save_model_dir
-
     checkpoint_dir = Path(checkpoint_dir)
     if _needs_master_weights(model):
         model = _master_copy(model, checkpoint_dir, lora)
@@ -318,8 +295,6 @@ def run_stage(args, stage: str) -> int:
         overrides.append(f"train.resume={args.resume}")
     tree = load_recipe(stage, args.config, overrides)
     if args.print_config:
-        import yaml
-
         print(yaml.safe_dump(tree, sort_keys=False))
         return 0
     summary = finetune(tree, stage)

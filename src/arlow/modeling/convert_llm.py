@@ -38,6 +38,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..configuration import ArlowTextConfig
+from .text import ArlowForCausalLM
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "arlow_config_from", "convert_llm", "map_weight_name", "main"]
 
@@ -149,8 +150,6 @@ def _shard_files(src: Path) -> list[str]:
 
 def _expected_shapes(config: ArlowTextConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor an ``ArlowForCausalLM`` checkpoint holds (built on the meta device)."""
-    from .text import ArlowForCausalLM
-
     with torch.device("meta"):
         model = ArlowForCausalLM(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

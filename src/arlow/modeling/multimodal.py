@@ -37,8 +37,8 @@ from .._compat import slice_logits_to_keep
 from ..configuration import ArlowConfig
 from .kernels.linear import Linear
 from .rope import get_rope_index, mrope_slot_axes
-from .text import ArlowTextModel
-from .vision import ArlowPreTrainedModel, ArlowVLVisionModel
+from .text import ArlowTextModel, decoder_forward_flops
+from .vision import ArlowPreTrainedModel, ArlowVLVisionModel, vision_forward_flops
 
 __all__ = [
     "ArlowVisualFeatures",
@@ -46,6 +46,7 @@ __all__ = [
     "ArlowCausalLMOutputWithPast",
     "ArlowModel",
     "ArlowForConditionalGeneration",
+    "vlm_forward_flops",
 ]
 
 # Keys of a processor output that describe media, per modality: (pixels, grid, extra per-item values).
@@ -605,3 +606,13 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
             chunks = [value[bounds[i]:bounds[i + 1]] for i in range(len(per_sample))]
             out[name] = torch.cat([chunk for chunk in chunks for _ in range(expand_size)])
         return out
+
+
+def vlm_forward_flops(config: ArlowConfig, text_tokens: int, vision_lengths: list[int]) -> float:
+    """Model FLOPs of one forward: the decoder over ``text_tokens`` (:func:`~arlow.modeling.text.decoder_forward_flops`)
+    plus the vision encoder over items of ``vision_lengths`` patch rows
+    (:func:`~arlow.modeling.vision.vision_forward_flops`; nothing for a text-only batch)."""
+    flops = decoder_forward_flops(config.text_config, text_tokens)
+    if vision_lengths:
+        flops += vision_forward_flops(config.vision_config, vision_lengths)
+    return flops

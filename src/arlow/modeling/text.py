@@ -44,6 +44,7 @@ from .kernels.linear import Linear, linear_then
 from .rope import apply_rotary, mrope_slot_axes, multi_axis_angles, rope_inv_freq
 
 __all__ = [
+    "decoder_forward_flops",
     "ArlowRMSNorm",
     "ArlowTextRotaryEmbedding",
     "ArlowAttention",
@@ -610,3 +611,14 @@ class ArlowForQuestionAnswering(GenericForQuestionAnswering, ArlowTextPreTrained
     """``model.*`` + ``qa_outputs (2, Hd)`` with bias: ``start_logits, end_logits (B, S)``."""
 
     config_class = ArlowTextConfig
+
+
+def decoder_forward_flops(config: ArlowTextConfig, tokens: int) -> float:
+    """Model FLOPs of one decoder forward over ``tokens`` tokens by the dense rule ``2 * N * tokens`` (a training
+    step: ``6 N T``), ``N`` = the weights of every layer's attention and MLP matrices plus the LM head (embeddings
+    are a lookup; attention scores are not counted, as in the rule). Conventions: :mod:`arlow.modeling.flops`."""
+    width, head_dim = config.hidden_size, config.head_dim
+    attention = width * head_dim * 2 * (config.num_attention_heads + config.num_key_value_heads)
+    mlp = 3 * width * config.intermediate_size  # gate, up, down
+    weights = config.num_hidden_layers * (attention + mlp) + width * config.vocab_size
+    return 2.0 * weights * tokens

@@ -37,6 +37,7 @@ from transformers.utils.generic import is_flash_attention_requested
 from .._compat import ActivationCheckpointingCompat
 from ..configuration import ArlowConfig, ArlowVisionConfig
 from . import kernels
+from .flops import linear_flops, transformer_block_flops
 from .kernels.linear import Linear, linear, linear_then
 from .rope import (
     cu_seqlens_from_lengths,
@@ -53,6 +54,7 @@ __all__ = [
     "ArlowVisionModelOutput",
     "locality_bias",
     "normalized_coordinates",
+    "vision_forward_flops",
     "rotate_pairs",
 ]
 
@@ -605,3 +607,18 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
         return output if return_dict else output.to_tuple()
+
+
+def vision_forward_flops(config: ArlowVisionConfig, seq_lengths: list[int]) -> float:
+    """Model FLOPs of one encoder forward over items of ``seq_lengths`` patch rows (each a multiple of ``s**2``):
+    patch embedding, the coarse-scale projection, ``depth`` blocks (each item attends within itself), the merger and
+    one DeepStack merger per tap. Conventions: :mod:`arlow.modeling.flops`."""
+    lengths = [int(n) for n in seq_lengths]
+    rows, width = sum(lengths), config.embed_dim
+    tokens, merged = rows // config.spatial_merge_size**2, width * config.spatial_merge_size**2
+    total = linear_flops(rows, config.patch_dim, width)
+    if config.use_progressive_patches:
+        total += linear_flops(rows, width, width)
+    total += config.depth * transformer_block_flops(lengths, width, int(width * config.mlp_ratio))
+    mergers = 1 + len(config.deepstack_visual_indexes)
+    return total + mergers * (linear_flops(tokens, merged, merged) + linear_flops(tokens, merged, config.hidden_size))

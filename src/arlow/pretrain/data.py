@@ -28,19 +28,16 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..configuration import ArlowVisionConfig
-from ..processing.image import ArlowImageProcessor
-from ..processing.patches import pad_frames, patchify
 from ..data.augment import center_crop_box, crop_frames, frames_to_tensor, image_normalisation, random_resized_crop_box
 from ..data.clips import UnreadableMediaError
 from ..data.sources import ImageSource, VideoList, builtin_media, first_readable, image_source, video_source
+from ..processing.patches import pad_frames, patchify
 from .packing import collate_items, pack_by_budget, patch_count
 
 __all__ = ["PretrainData", "IMAGE", "VIDEO"]

@@ -31,9 +31,11 @@ from transformers.utils import ModelOutput
 
 from .._compat import ActivationCheckpointingCompat, build_sub_configs, declare_sub_configs
 from ..configuration import ArlowVisionConfig, default_mrope_sections
-from ..modeling.rope import apply_rotary, mrope_slot_axes, multi_axis_angles, rope_inv_freq
-from ..modeling.vision import ArlowVLVisionModel
-from .masking import WindowMask, sample_window_mask, window_positions
+from ..modeling.flops import linear_flops, transformer_block_flops
+from ..modeling.rope import apply_rotary, mrope_slot_axes, multi_axis_angles, rope_inv_freq, vision_patch_positions
+from ..modeling.vision import ArlowVLVisionModel, vision_forward_flops
+from ..training.mfu import train_flops
+from .masking import WindowMask, num_visible_windows, sample_window_mask, window_positions
 
 __all__ = ["ArlowMAEConfig", "ArlowMAEForPreTraining", "MAEOutput", "mae_train_flops", "normalize_patches"]
 
@@ -177,8 +179,6 @@ class ArlowMAEForPreTraining(ActivationCheckpointingCompat, PreTrainedModel):
 
     def forward_encoder(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, mask: WindowMask):
         """Encode the visible windows. Returns merged tokens ``(n_visible_windows, hidden)`` and DeepStack list."""
-        from ..modeling.rope import vision_patch_positions
-
         s = self.config.vision_config.spatial_merge_size
         rows = mask.visible_rows.to(pixel_values.device)
         positions = vision_patch_positions(grid_thw, s).to(pixel_values.device)[rows]
@@ -258,33 +258,22 @@ class ArlowMAEForPreTraining(ActivationCheckpointingCompat, PreTrainedModel):
         return MAEOutput(loss=loss, pred=pred, mask=mask.masked, window_counts=mask.window_counts)
 
 
-def _block_flops(tokens: int, dim: int, mlp: int) -> float:
-    """Forward FLOPs of one transformer block on one item of ``tokens`` (peers-and-anchors C.1)."""
-    return 8 * tokens * dim**2 + 4 * tokens * dim * mlp + 4 * tokens**2 * dim
-
-
 def mae_train_flops(config: ArlowMAEConfig, grid_thw: torch.Tensor, mask_ratio: float | None = None) -> float:
-    """Model FLOPs of one training step (forward + backward = 3 x forward) on the items of ``grid_thw``."""
-    from .masking import num_visible_windows
-
+    """Model FLOPs of one training step (:func:`arlow.training.mfu.train_flops` of the forward) on the items of
+    ``grid_thw``: the encoder on each item's visible windows (:func:`~arlow.modeling.vision.vision_forward_flops`),
+    then the decoder on all windows (projection of the encoder's and DeepStack outputs, blocks, pixel head)."""
     vc = config.vision_config
     ratio = config.mask_ratio if mask_ratio is None else mask_ratio
     s2 = vc.spatial_merge_size**2
-    E, F_ = vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio)
-    M, H, d = s2 * vc.embed_dim, vc.hidden_size, config.decoder_hidden_size
+    d = config.decoder_hidden_size
     levels = len(vc.deepstack_visual_indexes)
-    total = 0.0
+    visible, windows = [], []
     for t, h, w in grid_thw.tolist():
-        windows = (h // vc.spatial_merge_size) * (w // vc.spatial_merge_size)
-        vis_windows = t * num_visible_windows(windows, ratio)
-        n = vis_windows * s2
-        enc = 2 * n * vc.patch_dim * E + vc.depth * _block_flops(n, E, F_)
-        enc += (1 + levels) * 2 * vis_windows * (M * M + M * H)
-        if vc.use_progressive_patches:
-            enc += 2 * n * E * E
-        all_windows = t * windows
-        dec = (1 + levels) * 2 * vis_windows * H * d
-        dec += config.decoder_num_layers * _block_flops(all_windows, d, int(d * config.decoder_mlp_ratio))
-        dec += 2 * all_windows * d * s2 * vc.patch_dim
-        total += 3 * (enc + dec)
-    return total
+        per_slice = (h // vc.spatial_merge_size) * (w // vc.spatial_merge_size)
+        visible.append(t * num_visible_windows(per_slice, ratio))
+        windows.append(t * per_slice)
+    forward = vision_forward_flops(vc, [n * s2 for n in visible])
+    forward += (1 + levels) * linear_flops(sum(visible), vc.hidden_size, d)
+    forward += config.decoder_num_layers * transformer_block_flops(windows, d, int(d * config.decoder_mlp_ratio))
+    forward += linear_flops(sum(windows), d, s2 * vc.patch_dim)
+    return train_flops(forward)

@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.augment import image_normalisation
 from ..processing.patches import unpatchify
+from .data import PretrainData
+from .export import load_mae_checkpoint
 from .mae import ArlowMAEForPreTraining, normalize_patches
 from .masking import window_positions
 
@@ -133,10 +136,6 @@ def save_reconstruction_grid(model: ArlowMAEForPreTraining, batch: dict, path: s
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.augment import image_normalisation
-    from .data import PretrainData
-    from .export import load_mae_checkpoint
-
     model, meta = load_mae_checkpoint(args.checkpoint)
     resolution = args.resolution or meta.get("resolution", 224)
     video_ext = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}

@@ -22,15 +22,17 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import yaml
 
+from ..data.augment import image_normalisation
+from ..data.sources import builtin_media
 from ..training import TrainConfig, Trainer
 from ..training.config import apply_overrides, load_yaml
 from ..training.distributed import rank_and_world
-from ..data.augment import image_normalisation
-from ..data.sources import builtin_media
-from .data import PretrainData
+from .data import IMAGE, VIDEO, PretrainData
 from .export import MAE_CONFIG, export_checkpoint, load_mae_checkpoint
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
+from .packing import collate_items
 from .reconstruct import save_reconstruction_grid
 
 __all__ = ["RECIPES", "load_recipe", "build_model", "build_data", "pretrain", "run"]
@@ -121,8 +123,6 @@ def _preview_batch(data_section: dict | None, vision_config, num_items: int):
     """A fixed, un-augmented batch of the first few images and (if any) one clip, for reconstruction grids."""
     if num_items <= 0:
         return None
-    from .data import IMAGE, VIDEO
-    from .packing import collate_items
 
     section = dict(data_section or {})
     images, videos = section.get("images", "builtin"), section.get("videos")
@@ -156,8 +156,6 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.resume={args.resume}")
     tree = load_recipe(args.config, overrides)
     if args.print_config:
-        import yaml
-
         print(yaml.safe_dump(tree, sort_keys=False))
         return 0
     summary = pretrain(tree)

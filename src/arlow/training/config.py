@@ -12,10 +12,12 @@ Batch arithmetic (written out because it decides the learning rate)::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,6 @@ SHIPPED_DEEPSPEED = ("zero2", "zero3")  # names of the DeepSpeed JSONs in arlow/
 
 def shipped_deepspeed_config(name: str) -> Path:
     """Path of a DeepSpeed JSON shipped inside the package (``zero2`` or ``zero3``)."""
-    from importlib import resources
-
     if name not in SHIPPED_DEEPSPEED:
         raise ValueError(f"no shipped DeepSpeed config {name!r}; the shipped ones are {SHIPPED_DEEPSPEED}")
     return Path(str(resources.files("arlow") / "configs" / "deepspeed" / f"{name}.json"))
@@ -152,8 +152,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``tree`` with each ``"a.b.c=value"`` set; values are parsed as YAML ("1e-3" stays a string
     here and becomes a float when the config field is a float). Intermediate mappings are created as needed."""
-    import copy
-
     tree = copy.deepcopy(tree)
     for item in overrides:
         key, sep, raw = item.partition("=")

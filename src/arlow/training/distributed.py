@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 
 from .config import TrainConfig
 
@@ -131,9 +134,6 @@ def build_accelerator(config: TrainConfig, model: torch.nn.Module | None = None)
       be told "CPU" afterwards (it would silently drop DeepSpeed), so that is arranged here.
     - FSDP: from an ``accelerate launch`` config (``--use_fsdp`` / ``distributed_type: FSDP``).
     """
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
-
     on_cpu = use_cpu(config)
     check_precision(config, on_cpu)
     _forget_single_process_state()
@@ -170,8 +170,6 @@ def _forget_single_process_state() -> None:
     """accelerate keeps one process-wide state and refuses a second Accelerator with other settings (precision,
     device). In a single, non-distributed process nothing depends on the old state, so a second Trainer in the same
     process (a notebook, a test, stage 2 after stage 1) starts from a clean one. Distributed state is never reset."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     if not PartialState._shared_state:
         return
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from accelerate.utils import DistributedType, save as save_weights, send_to_device, set_seed
 
 from .checkpoint import (
     list_checkpoints,
@@ -115,8 +116,6 @@ class Trainer:
         self.data = data
         self.flops_per_batch = flops_per_batch
         self.on_checkpoint = on_checkpoint
-
-        from accelerate.utils import DistributedType, set_seed
 
         self.accelerator = build_accelerator(config, model)
         acc = self.accelerator
@@ -295,7 +294,6 @@ class Trainer:
         """Add the batch's counts/FLOPs to ``result``; return the model inputs on the training device."""
         if not isinstance(batch, Mapping):
             raise ValueError(f"each micro-batch must be a dict of model inputs, got {type(batch).__name__}")
-        from accelerate.utils import send_to_device
 
         if "num_tokens" in batch:
             result.tokens += float(batch["num_tokens"])
@@ -397,8 +395,6 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write ``output_dir/checkpoint-{step}`` atomically (all processes must call this), run the
         ``on_checkpoint`` hook, prune old checkpoints. Refuses to save non-finite weights."""
-        from accelerate.utils import save as save_weights
-
         acc, cfg = self.accelerator, self.config
         self._check_finite_weights()
 

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 LOG_FILE = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -58,8 +60,6 @@ class RunLogger:
             # purge_step drops events a crashed run wrote after the checkpoint we resume from.
             self._writer = SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR), purge_step=initial_step + 1)
         if progress_bar:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
 
     def advance(self, steps: int = 1) -> None:

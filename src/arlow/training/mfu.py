@@ -1,21 +1,17 @@
-"""Model-FLOPs accounting and a measured matmul peak, for model-FLOPs utilisation (MFU).
+"""Model-FLOPs utilisation (MFU): a training step's FLOPs, a measured matmul peak, and their ratio.
 
-Counting convention: one multiply-add is 2 FLOPs; a training step costs 3x the forward (backward = 2x forward),
-without activation recompute. MFU = achieved model FLOPs per second / peak FLOPs per second of the devices used,
-where the peak is *measured* on this machine with a large square matmul (the best any model can do), not a
-datasheet number; on CPUs, the faster of aten's matmul and oneDNN's (on AMD processors aten's fp32 matmul, MKL, runs
-at about half oneDNN's speed; docs/cpu-inference.md). Per-layer formula (T tokens, width D, MLP hidden F,
-peers-and-anchors C.1)::
-
-    fwd_layer = 8*T*D^2 (qkv + out projections) + 4*T*D*F (GELU MLP; 6*T*D*F for SwiGLU) + 4*T^2*D (scores, attn@V)
-
-For packed variable-length sequences the attention term is ``4 * D * sum_i T_i^2``: items do not attend across.
+A training step costs 3x the forward (backward = 2x forward), without activation recompute. The forward FLOPs of
+each architecture come from its formula next to the model (:mod:`arlow.modeling.flops` lists them); the engine
+knows no model and only receives ``flops_per_batch``. MFU = achieved model FLOPs per second / peak FLOPs per second
+of the devices used, where the peak is *measured* on this machine with a large square matmul (the best any model
+can do), not a datasheet number; on CPUs, the faster of aten's matmul and oneDNN's (on AMD processors aten's fp32
+matmul, MKL, runs at about half oneDNN's speed; docs/cpu-inference.md).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
@@ -25,45 +21,9 @@ TRAIN_FLOPS_MULTIPLIER = 3.0  # forward + backward (2x forward)
 _PEAK_CACHE: dict[tuple[str, str, int], float] = {}
 
 
-def linear_flops(tokens: int, d_in: int, d_out: int) -> float:
-    """FLOPs of ``tokens`` rows through a ``d_in -> d_out`` linear layer (2 per multiply-add)."""
-    return 2.0 * tokens * d_in * d_out
-
-
-def attention_flops(seq_lengths: Iterable[int], width: int) -> float:
-    """Score and value FLOPs of self-attention over independent sequences: ``4 * width * sum T_i^2``."""
-    return 4.0 * width * float(sum(int(t) ** 2 for t in seq_lengths))
-
-
-def transformer_layer_flops(seq_lengths: Iterable[int], width: int, mlp_hidden: int, gated_mlp: bool = False) -> float:
-    """Forward FLOPs of one pre-norm transformer block over packed sequences of the given lengths.
-
-    ``gated_mlp=True`` counts a SwiGLU MLP (three matrices) instead of a two-matrix GELU MLP.
-    """
-    lengths = [int(t) for t in seq_lengths]
-    tokens = sum(lengths)
-    projections = 4 * linear_flops(tokens, width, width)
-    mlp = (3 if gated_mlp else 2) * linear_flops(tokens, width, mlp_hidden)
-    return projections + mlp + attention_flops(lengths, width)
-
-
-def vit_forward_flops(
-    seq_lengths: Iterable[int], depth: int, width: int, mlp_hidden: int, patch_dim: int, gated_mlp: bool = False
-) -> float:
-    """Forward FLOPs of a ViT encoder: patch embedding (``patch_dim -> width``) plus ``depth`` blocks."""
-    lengths = [int(t) for t in seq_lengths]
-    embed = linear_flops(sum(lengths), patch_dim, width)
-    return embed + depth * transformer_layer_flops(lengths, width, mlp_hidden, gated_mlp)
-
-
 def train_flops(forward_flops: float) -> float:
     """FLOPs of a training step (forward + backward) from the forward FLOPs."""
     return TRAIN_FLOPS_MULTIPLIER * forward_flops
-
-
-def dense_train_flops(num_params: int, tokens: int) -> float:
-    """The ``6 * N * tokens`` rule (every parameter used once per token in a dense model), for quick estimates."""
-    return 6.0 * num_params * tokens
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", size: int | None = None) -> float:
