@@ -46,28 +46,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate ``x (..., D)`` by angles whose ``cos``/``sin`` (broadcastable to ``x``) use the half-split layout.
 
     Returns ``x * cos + rotate_half(x) * sin``, computed in fp32 (fp64 for fp64 input) and cast back, so bf16
-    activations get an accurate rotation. Large inputs go through four multiply-adds into one buffer (on CPU the
-    negate/concatenate form costs several extra passes and allocations over q and k) whose backward pass is the
-    rotation by the opposite angle; small inputs, and tables that need gradients, use the plain formula.
+    activations get an accurate rotation. Large inputs outside autograd go through four multiply-adds into one
+    buffer (on CPU the negate/concatenate form costs several extra passes and allocations over q and k); small
+    inputs and anything autograd records use the plain formula.
     """
-    if cos.requires_grad or sin.requires_grad or x.numel() < _FUSED_MIN_NUMEL:
+    if (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)) \
+            or x.numel() < _FUSED_MIN_NUMEL:
         dtype = torch.promote_types(x.dtype, torch.float32)
         xf = x.to(dtype)
         return (xf * cos.to(dtype) + rotate_half(xf) * sin.to(dtype)).to(x.dtype)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Rotation.apply(x, cos, sin)
     return _rotate_fp32(x, cos, sin).to(x.dtype)
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs ``(c, c + D/2)`` of ``x (..., D)`` by angles with ``cos/sin (..., D/2)`` (broadcast).
 
-    :func:`apply_rotary`'s fused path with half-width tables (one entry per frequency slot, as the vision encoder
-    keeps them), for inputs large enough that the fused form always pays. Math in fp32, result in ``x.dtype``; the
-    angles get no gradient.
+    :func:`apply_rotary` with half-width tables (one entry per frequency slot, as the vision encoder keeps them):
+    the fused form outside autograd, the plain formula under it. Math in fp32, result in ``x.dtype``.
     """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Rotation.apply(x, cos, sin)
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        return apply_rotary(x, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1))
     return _rotate_fp32(x, cos, sin).to(x.dtype)
 
 
@@ -92,24 +90,6 @@ def _rotate_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     torch.mul(x2, c, out=o2)
     o2.addcmul_(x1, s)
     return out
-
-
-class _Rotation(torch.autograd.Function):
-    """Autograd for the fused rotation: the vector-Jacobian product of a rotation is the rotation by minus it."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return _rotate_fp32(x, cos, sin).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        grad_x = _rotate_fp32(grad, cos, -sin)
-        if grad_x.shape != ctx.x_shape:  # x was broadcast against the tables
-            grad_x = grad_x.sum_to_size(ctx.x_shape)
-        return grad_x.to(ctx.x_dtype), None, None
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
