@@ -10,15 +10,11 @@ from arlow.modeling.rope import apply_rotary, mrope_slot_axes
 from arlow.pretrain.mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from arlow.pretrain.masking import sample_window_mask, window_positions, windows_per_slice
 from arlow.processing.patches import patchify
+from tiny import tiny_config as make_tiny_config
 
 
 def tiny_config(**kw):
-    vision = dict(depth=6, embed_dim=32, num_heads=2, hidden_size=48, use_deformable_attention=True,
-                  use_progressive_patches=True)
-    vision.update(kw.pop("vision", {}))
-    dec = dict(decoder_hidden_size=32, decoder_num_layers=2, decoder_num_heads=2)
-    dec.update(kw)
-    return ArlowMAEConfig(vision_config=vision, **dec)
+    return make_tiny_config("mae", **kw)
 
 
 def batch():

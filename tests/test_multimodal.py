@@ -20,17 +20,14 @@ from arlow.configuration import ArlowConfig, ArlowTextConfig
 from arlow.modeling.multimodal import ArlowForConditionalGeneration, ArlowModel, run_lengths
 from arlow.modeling.text import ArlowForCausalLM
 from arlow.processing import ArlowImageProcessor, ArlowProcessor, ArlowVideoProcessor, load_default_tokenizer
+from tiny import tiny_config as make_tiny_config
 
 VOCAB = 8192  # the built-in tokenizer; its last four ids are <image>, <video>, <|vision_start|>, <|vision_end|>
 IMAGE, VIDEO, VSTART, VEND = 8188, 8189, 8190, 8191
 
 
 def tiny_config(text=None, **top) -> ArlowConfig:
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, deepstack_visual_indexes=[0, 1])
-    text_config = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2)
-    text_config.update(text or {})
-    return ArlowConfig(vision_config=vision, text_config=text_config, **{"tokens_per_second": 2.0, **top})
+    return make_tiny_config("vlm", text=text, **top)
 
 
 def tiny_model(seed=0, text=None, **top) -> ArlowForConditionalGeneration:

@@ -29,6 +29,7 @@ from arlow import (
 )
 from arlow.modeling.rope import mrope_slot_axes
 from arlow.modeling.text import ArlowRMSNorm, ArlowTextRotaryEmbedding
+from tiny import tiny_config as make_tiny_config
 
 VOCAB = 101
 PAD = 0
@@ -37,14 +38,7 @@ BACKENDS = ["eager", "sdpa"]
 
 def tiny_config(**overrides) -> ArlowTextConfig:
     """3 layers (full, sliding, sliding), GQA 4q/2kv, head_dim 12, window 4. Large init so argmax never ties."""
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=12, max_position_embeddings=64, use_sliding_window=True, sliding_window=4,
-        max_window_layers=1, initializer_range=0.2, pad_token_id=PAD, eos_token_id=None, bos_token_id=None,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
-    kwargs.update(overrides)
-    return ArlowTextConfig(**kwargs)
+    return make_tiny_config("text", **overrides)
 
 
 def build(cls=ArlowForCausalLM, impl="sdpa", seed=0, **overrides):

@@ -27,16 +27,13 @@ from arlow.modeling.rope import (
 from arlow.modeling.kernels import blocked_attention as blocked
 from arlow.modeling.vision import locality_bias, normalized_coordinates, rotate_pairs
 from arlow.processing.patches import patchify
+from tiny import tiny_config as make_tiny_config
 
 P, TP, S = 2, 2, 2  # tiny patches keep the pixel rows short (C*Tp*P*P = 24)
 
 
 def tiny_config(**overrides) -> ArlowVisionConfig:
-    kwargs = dict(depth=2, embed_dim=24, hidden_size=20, num_heads=2, patch_size=P, temporal_patch_size=TP,
-                  spatial_merge_size=S, mlp_ratio=2.0, use_deformable_attention=False, use_progressive_patches=False,
-                  deepstack_visual_indexes=[], deformable_attention_window=0.6, deformable_attention_strength=2.0)
-    kwargs.update(overrides)
-    return ArlowVisionConfig(**kwargs)
+    return make_tiny_config("vision", **overrides)
 
 
 def tiny_model(attn="sdpa", **overrides) -> ArlowVLVisionModel:

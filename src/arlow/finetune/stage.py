@@ -21,11 +21,9 @@ import copy
 import json
 import logging
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from ..assemble import assemble, build_preset, save_model_dir
@@ -34,20 +32,20 @@ from ..modeling.multimodal import ArlowForConditionalGeneration, vlm_forward_flo
 from ..processing import ArlowProcessor
 from ..training import TrainConfig, Trainer, rank_and_world
 from ..training.checkpoint import list_checkpoints
-from ..training.config import apply_overrides, load_yaml
 from ..training.mfu import train_flops
+from ..training.recipes import load_recipe as load_recipe_tree
+from ..training.recipes import run_recipe_command
 from .data import FinetuneData
 from .examples import ExampleEncoder
 from .freezing import apply_freezing, format_report, optimizer_groups, trainable_report
 from .lora import LoraSettings, apply_lora, check_quantization, load_quantized, merge_adapter, save_adapter
 
-__all__ = ["STAGES", "recipe_path", "model_folder", "load_recipe", "build_model", "build_data", "finetune", "MODEL_DIR",
+__all__ = ["STAGES", "SECTIONS", "model_folder", "load_recipe", "build_model", "build_data", "finetune", "MODEL_DIR",
            "ADAPTER_DIR", "run_stage"]
 
 logger = logging.getLogger("arlow.finetune")
 
 MODEL_DIR, ADAPTER_DIR = "model", "adapter"
-SECTIONS = {"model", "data", "trainable", "lora", "train"}
 # stage -> (task of the encoder, default trainable groups, default recipe)
 STAGES = {
     "align": ("caption", ["merger", "deepstack_mergers", "gates"], "align_tiny"),
@@ -59,36 +57,19 @@ _MODEL_KEYS = {"path", "vision_encoder", "text_model", "tokenizer", "preset", "a
 _DATA_KEYS = {"train", "media_root", "max_length", "overflow", "tokens_per_batch", "max_batch_size", "group_size",
               "shuffle", "num_workers", "prefetch_factor", "epochs", "dummy_vision", "caption_prompt", "processor",
               "cache"}
-
-
-def recipe_path(name: str) -> Path:
-    """A user's YAML file, or the name of a recipe shipped in ``arlow/configs/finetune/``."""
-    if Path(name).is_file():
-        return Path(name)
-    shipped = Path(str(resources.files("arlow") / "configs" / "finetune" / f"{name}.yaml"))
-    if shipped.is_file():
-        return shipped
-    names = sorted(p.stem for p in shipped.parent.glob("*.yaml"))
-    raise ValueError(f"no recipe {name!r}: give a YAML file or one of the shipped recipes {names}")
+# section -> valid keys (None: checked by the section's own parser)
+SECTIONS = {"model": _MODEL_KEYS, "data": _DATA_KEYS, "trainable": {"groups", "lr", "weight_decay"}, "lora": None,
+            "train": None}
 
 
 def load_recipe(stage: str, config: str | None = None, overrides: list[str] | None = None) -> dict:
-    """The recipe tree after overrides; unknown sections and keys are refused."""
+    """The recipe tree (a YAML file or a recipe shipped in ``arlow/configs/finetune/``; default: the stage's tiny
+    demo) after overrides; unknown sections and keys are refused."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
-    tree = load_yaml(recipe_path(config or STAGES[stage][2]))
-    if overrides:
-        tree = apply_overrides(tree, overrides)
-    unknown = set(tree) - SECTIONS
-    if unknown:
-        raise ValueError(f"unknown recipe sections {sorted(unknown)}; expected {sorted(SECTIONS)}")
+    tree = load_recipe_tree("finetune", config or STAGES[stage][2], overrides, SECTIONS)
     if stage == "align" and tree.get("lora"):
         raise ValueError("the lora section belongs to `arlow sft`; alignment trains the mergers and gates")
-    sections = (("model", _MODEL_KEYS), ("data", _DATA_KEYS), ("trainable", {"groups", "lr", "weight_decay"}))
-    for section, keys in sections:
-        extra = set(tree.get(section) or {}) - keys
-        if extra:
-            raise ValueError(f"unknown {section} key(s) {sorted(extra)}; valid: {sorted(keys)}")
     return tree
 
 
@@ -250,9 +231,6 @@ def finetune(tree: dict, stage: str) -> dict:
     train_cfg = TrainConfig.from_dict(dict(tree.get("train") or {}))
     lora = LoraSettings.from_dict(tree.get("lora")) if stage == "sft" else None
     trainable = dict(tree.get("trainable") or {})
-    extra = set(trainable) - {"groups", "lr", "weight_decay"}
-    if extra:
-        raise ValueError(f"unknown trainable key(s) {sorted(extra)}; valid: groups, lr, weight_decay")
     groups = trainable.get("groups") or (_LORA_DEFAULT_GROUPS if lora is not None and lora.enabled else default_groups)
     groups = list(groups)
     if lora is not None and lora.enabled and "lora" not in groups:
@@ -290,16 +268,8 @@ def finetune(tree: dict, stage: str) -> dict:
 
 
 def run_stage(args, stage: str) -> int:
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
-    tree = load_recipe(stage, args.config, overrides)
-    if args.print_config:
-        print(yaml.safe_dump(tree, sort_keys=False))
-        return 0
-    summary = finetune(tree, stage)
-    if rank_and_world()[0] == 0:
-        print(json.dumps(summary, indent=2, default=str))
-        if summary.get("model_dir"):
-            print(f"the trained model folder is {summary['model_dir']}")
-    return 0
+    def closing(tree: dict, summary: dict) -> str:
+        return f"the trained model folder is {summary['model_dir']}" if summary.get("model_dir") else ""
+
+    return run_recipe_command(args, lambda config, overrides: load_recipe(stage, config, overrides),
+                              lambda tree: finetune(tree, stage), closing)

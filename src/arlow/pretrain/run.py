@@ -18,48 +18,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..data.augment import image_normalisation
 from ..data.sources import builtin_media
 from ..training import TrainConfig, Trainer
-from ..training.config import apply_overrides, load_yaml
 from ..training.distributed import rank_and_world
+from ..training.recipes import load_recipe as load_recipe_tree
+from ..training.recipes import run_recipe_command
 from .data import IMAGE, VIDEO, PretrainData
 from .export import MAE_CONFIG, export_checkpoint, load_mae_checkpoint
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from .packing import collate_items
 from .reconstruct import save_reconstruction_grid
 
-__all__ = ["RECIPES", "load_recipe", "build_model", "build_data", "pretrain", "run"]
+__all__ = ["load_recipe", "build_model", "build_data", "pretrain", "run"]
 
 logger = logging.getLogger(__name__)
 
-RECIPES = ("tiny_demo", "model_card")
-
-
-def recipe_path(name: str) -> Path:
-    """Path of a shipped recipe (``tiny_demo``, ``model_card``) or of a user's YAML file."""
-    if Path(name).is_file():
-        return Path(name)
-    if name in RECIPES:
-        return Path(str(resources.files("arlow") / "configs" / "pretrain" / f"{name}.yaml"))
-    raise ValueError(f"no recipe {name!r}: give a YAML file or one of the shipped recipes {RECIPES}")
+SECTIONS = {"model": None, "data": None, "train": None, "reconstruct": None}
 
 
 def load_recipe(config: str | None = None, overrides: list[str] | None = None) -> dict:
-    """The recipe tree after overrides, with unknown top-level sections refused."""
-    tree = load_yaml(recipe_path(config or "tiny_demo"))
-    if overrides:
-        tree = apply_overrides(tree, overrides)
-    unknown = set(tree) - {"model", "data", "train", "reconstruct"}
-    if unknown:
-        raise ValueError(f"unknown recipe sections {sorted(unknown)}; expected model, data, train, reconstruct")
-    return tree
+    """The recipe tree (a YAML file or a recipe shipped in ``arlow/configs/pretrain/``; default ``tiny_demo``) after
+    overrides, with unknown top-level sections refused."""
+    return load_recipe_tree("pretrain", config or "tiny_demo", overrides, SECTIONS)
 
 
 def build_model(model_section: dict) -> ArlowMAEForPreTraining:
@@ -151,15 +136,7 @@ def _preview_batch(data_section: dict | None, vision_config, num_items: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
-    tree = load_recipe(args.config, overrides)
-    if args.print_config:
-        print(yaml.safe_dump(tree, sort_keys=False))
-        return 0
-    summary = pretrain(tree)
-    out = Path(tree["train"]["output_dir"])
-    print(json.dumps(summary, indent=2, default=str))
-    print(f"checkpoints, exports and reconstructions are in {out}/")
-    return 0
+    def closing(tree: dict, summary: dict) -> str:
+        return f"checkpoints, exports and reconstructions are in {tree['train']['output_dir']}/"
+
+    return run_recipe_command(args, load_recipe, pretrain, closing)
