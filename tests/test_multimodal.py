@@ -117,13 +117,13 @@ def test_each_placeholder_run_gets_its_items_tokens(model, processor, media):
         images = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         videos = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
     handle.remove()
-    assert [len(x) for x in images.item_embeds] == [4, 6]  # t*h*w/4 per image, not one pooled vector
-    assert [len(x) for x in videos.item_embeds] == [8]
+    assert [len(x) for x in images.pooler_output] == [4, 6]  # t*h*w/4 per image, not one pooled vector
+    assert [len(x) for x in videos.pooler_output] == [8]
     ids, embeds = inputs["input_ids"][0], seen["embeds"][0]
     image_pos = (ids == IMAGE).nonzero().flatten()
-    torch.testing.assert_close(embeds[image_pos[:4]], images.item_embeds[0], rtol=0, atol=0)
-    torch.testing.assert_close(embeds[image_pos[4:]], images.item_embeds[1], rtol=0, atol=0)
-    torch.testing.assert_close(embeds[ids == VIDEO], videos.item_embeds[0], rtol=0, atol=0)
+    torch.testing.assert_close(embeds[image_pos[:4]], images.pooler_output[0], rtol=0, atol=0)
+    torch.testing.assert_close(embeds[image_pos[4:]], images.pooler_output[1], rtol=0, atol=0)
+    torch.testing.assert_close(embeds[ids == VIDEO], videos.pooler_output[0], rtol=0, atol=0)
     text = (ids != IMAGE) & (ids != VIDEO)
     torch.testing.assert_close(embeds[text], model.get_input_embeddings()(ids[text]), rtol=0, atol=0)
 
@@ -423,10 +423,24 @@ def test_bad_media_arguments(model, processor, media):
         model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
     with pytest.raises(ValueError, match=r"image_grid_thw \[\[1, 4, 4\]\] describes 16 patch rows .* has 24 rows"):
         model(**{**inputs, "image_grid_thw": torch.tensor([[1, 4, 4]])})
-    with pytest.raises(ValueError, match="6 image placeholder tokens but no pixel_values"):
-        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     with pytest.raises(ValueError, match="pixel_values_videos was given without video_grid_thw"):
         model(input_ids=inputs["input_ids"][:, :3], pixel_values_videos=inputs["pixel_values"])
+
+
+def test_placeholders_without_media_are_plain_tokens(model, processor, media):
+    """transformers' contract (assisted decoding, generated placeholder ids): ids without media are just tokens, the
+    decoder reads their embeddings at text positions."""
+    inputs = encode(processor, [conversation(f"image={media['wide']}", "text:q")])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert int((ids == IMAGE).sum()) == 6
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        text = model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(logits, model.lm_head(text), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="found 6 image placeholder tokens .* give 4 visual tokens"):
+        square = encode(processor, [conversation(f"image={media['square']}", "text:q")])
+        model(input_ids=ids, attention_mask=mask, pixel_values=square["pixel_values"],
+              image_grid_thw=square["image_grid_thw"])
 
 
 def test_text_only_checkpoint_is_refused_by_the_vlm_class(tmp_path):

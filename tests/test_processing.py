@@ -519,7 +519,7 @@ def test_processor_round_trip_through_auto_processor(tmp_path, clip_path):
     proc.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert saved["processor_class"] == "ArlowProcessor"
-    assert saved["video_config"]["num_frames"] == 4 and saved["image_processor"]["max_pixels"] == 28 * 28 * 8
+    assert saved["video_config"]["num_frames"] == 4 and saved["image_processor"]["size"]["longest_edge"] == 28 * 28 * 8
     assert json.loads((tmp_path / "tokenizer.json").read_text())["truncation"] is None
 
     loaded = AutoProcessor.from_pretrained(tmp_path)

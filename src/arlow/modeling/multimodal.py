@@ -30,8 +30,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
 
 from .._compat import slice_logits_to_keep
 from ..configuration import ArlowConfig
@@ -57,18 +57,21 @@ _MEDIA_KEYS = {
 
 
 @dataclass
-class ArlowVisualFeatures(ModelOutput):
-    """Encoder output for a set of images (or videos), split per item.
+class ArlowVisualFeatures(BaseModelOutputWithPooling):
+    """Encoder output for a set of images (or videos), split per item (transformers 5.x ``get_image_features``
+    contract, as Qwen2-VL / Qwen3-VL: callers such as vLLM's Transformers backend read ``pooler_output``).
 
     Args:
-        last_hidden_state: ``(n_tokens, Hd)`` merged tokens of all items, concatenated in item order.
-        item_embeds: one ``(t_i*h_i*w_i / s**2, Hd)`` tensor per item (views of ``last_hidden_state``).
+        last_hidden_state: ``(N, embed_dim)`` the encoder's last block output before the merger, one row per patch.
+        pooler_output: one ``(t_i*h_i*w_i / s**2, Hd)`` tensor per item: the merged tokens that replace the item's
+            placeholders, every token of the item, nothing pooled.
         deepstack_features: one ``(n_tokens, Hd)`` tensor per DeepStack level, rows aligned with
-            ``last_hidden_state``.
+            the merged tokens of all items (``torch.cat(pooler_output)``).
+        hidden_states: with ``output_hidden_states=True``, the encoder's un-merged states (see
+            :class:`~arlow.modeling.vision.ArlowVisionModelOutput`).
     """
 
-    last_hidden_state: torch.Tensor | None = None
-    item_embeds: tuple[torch.Tensor, ...] | None = None
+    pooler_output: tuple[torch.Tensor, ...] | None = None
     deepstack_features: tuple[torch.Tensor, ...] | None = None
 
 
@@ -109,6 +112,30 @@ def text_positions(attention_mask: torch.Tensor | None, batch: int, seq: int, pa
     return torch.arange(past, past + seq, device=device).unsqueeze(0).expand(batch, seq)
 
 
+def _repeat_media(mask: torch.Tensor, present: dict, keys: tuple, expand_size: int) -> dict:
+    """Repeat the items of each sample ``expand_size`` times, keeping samples in order.
+
+    ``mask (B, S)`` marks the sample's placeholders (one run per item); ``present`` holds the packed pixels
+    ``(N, ...)`` and the per-item values (grid ``(n, 3)``, ``second_per_grid_ts (n,)``) of one modality.
+    """
+    pixels_name, grid_name, _ = keys
+    if grid_name not in present:
+        raise ValueError(f"expanding {pixels_name} for beam search / num_return_sequences needs {grid_name}")
+    starts = mask & ~F.pad(mask[:, :-1], (1, 0), value=False)
+    per_sample = starts.sum(-1).tolist()  # items (runs) per sample
+    rows_per_item = present[grid_name].prod(-1).tolist()
+    item_bounds, rows_bounds = [0], [0]
+    for count in per_sample:
+        item_bounds.append(item_bounds[-1] + count)
+        rows_bounds.append(rows_bounds[-1] + sum(rows_per_item[item_bounds[-2]:item_bounds[-1]]))
+    out = {}
+    for name, value in present.items():
+        bounds = rows_bounds if name == pixels_name else item_bounds
+        chunks = [value[bounds[i]:bounds[i + 1]] for i in range(len(per_sample))]
+        out[name] = torch.cat([chunk for chunk in chunks for _ in range(expand_size)])
+    return out
+
+
 def _check_text_only_dir(path, config) -> None:
     """A text-only ``ArlowForCausalLM`` folder must not be loaded into the VLM (every weight would be re-initialised,
     the reference fork's silent failure)."""
@@ -143,6 +170,10 @@ class ArlowModel(ArlowPreTrainedModel):
     accepts_loss_kwargs = False
     _no_split_modules = ["ArlowVLBlock", "ArlowDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
+    # Decode steps trace without graph breaks and transformers' kwargs reach the decoder's attention interface
+    # (the vision tower runs at prefill only): tests/conformance proves both.
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
 
     def __init__(self, config: ArlowConfig):
         super().__init__(config)
@@ -169,7 +200,8 @@ class ArlowModel(ArlowPreTrainedModel):
 
     # -- media -> tokens -------------------------------------------------------------------------------------------
 
-    def _encode(self, pixel_values: torch.Tensor, grid_thw, kind: str) -> ArlowVisualFeatures:
+    def _encode(self, pixel_values: torch.Tensor, grid_thw, kind: str, output_hidden_states=None,
+                **kwargs) -> ArlowVisualFeatures:
         pixels_name, grid_name, _ = _MEDIA_KEYS[kind]
         if grid_thw is None:
             raise ValueError(f"{pixels_name} was given without {grid_name}: pass the (n_{kind}s, 3) grid that the "
@@ -185,29 +217,39 @@ class ArlowModel(ArlowPreTrainedModel):
                     f"{grid_name} {grid.tolist()} describes {rows} patch rows (sum of t*h*w) but {pixels_name} has "
                     f"{pixel_values.shape[0]} rows; pass the grid that came with these pixels"
                 )
-        out = self.visual(pixel_values, grid_thw=grid)  # checks the remaining shapes with its own messages
+        # checks the remaining shapes with its own messages
+        if output_hidden_states is None:
+            output_hidden_states = self.config.vision_config.output_hidden_states
+        out = self.visual(pixel_values, grid_thw=grid, output_hidden_states=bool(output_hidden_states))
         sizes = (grid.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
-        tokens = out.last_hidden_state
         return ArlowVisualFeatures(
-            last_hidden_state=tokens,
-            item_embeds=tuple(torch.split(tokens, sizes)),
+            last_hidden_state=out.unmerged_state,
+            pooler_output=tuple(torch.split(out.last_hidden_state, sizes)),
             deepstack_features=tuple(out.deepstack_features),
+            hidden_states=out.hidden_states,
         )
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> ArlowVisualFeatures:
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                           **kwargs) -> ArlowVisualFeatures | tuple:
         """Encode images: ``pixel_values (N, C*Tp*P*P)`` + ``image_grid_thw (n, 3)`` -> per-image merged tokens
-        (``t*h*w / s**2`` each, not pooled) and the DeepStack levels."""
-        return self._encode(pixel_values, image_grid_thw, "image")
+        in ``pooler_output`` (``t*h*w / s**2`` each, not pooled), the encoder's un-merged output in
+        ``last_hidden_state`` and the DeepStack levels. ``return_dict=False`` gives a tuple;
+        ``output_hidden_states=True`` adds the encoder's states; other transformers keyword arguments are accepted
+        and unused."""
+        return self._encode(pixel_values, image_grid_thw, "image", **kwargs)
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor,
-                           video_grid_thw: torch.Tensor) -> ArlowVisualFeatures:
-        """Encode videos: ``pixel_values_videos (N, C*Tp*P*P)`` + ``video_grid_thw (n, 3)`` -> per-video tokens."""
-        return self._encode(pixel_values_videos, video_grid_thw, "video")
+    @can_return_tuple
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
+                           **kwargs) -> ArlowVisualFeatures | tuple:
+        """Encode videos: ``pixel_values_videos (N, C*Tp*P*P)`` + ``video_grid_thw (n, 3)`` -> per-video tokens,
+        as :meth:`get_image_features`."""
+        return self._encode(pixel_values_videos, video_grid_thw, "video", **kwargs)
 
     def get_placeholder_mask(
         self,
         input_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor,
+        inputs_embeds: torch.Tensor | None,
         image_features: ArlowVisualFeatures | torch.Tensor | None = None,
         video_features: ArlowVisualFeatures | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +271,7 @@ class ArlowModel(ArlowPreTrainedModel):
         for kind, feats in (("image", image_features), ("video", video_features)):
             if feats is None:
                 continue
-            items = feats.item_embeds if isinstance(feats, ArlowVisualFeatures) else (feats,)
+            items = feats.pooler_output if isinstance(feats, ArlowVisualFeatures) else (feats,)
             sizes = [len(item) for item in items]
             found = int(masks[kind].sum())
             token = f"<{kind}> (id {getattr(cfg, f'{kind}_token_id')})"
@@ -281,12 +323,13 @@ class ArlowModel(ArlowPreTrainedModel):
     # -- positions -------------------------------------------------------------------------------------------------
 
     def get_rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
-                       second_per_grid_ts=None) -> tuple[torch.Tensor, torch.Tensor]:
+                       second_per_grid_ts=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(position_ids (3, B, S), rope_deltas (B, 1))`` from :func:`arlow.modeling.rope.get_rope_index` with this
-        model's token ids, merge size and ``config.tokens_per_second``."""
+        model's token ids, merge size and ``config.tokens_per_second``. Placeholder ids of a modality without grids
+        are text positions. Other keyword arguments (transformers passes ``mm_token_type_ids``) are ignored:
+        placeholders are found from ``input_ids``."""
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
-        placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-        if image_grid_thw is None and video_grid_thw is None and not placeholders.any():
+        if image_grid_thw is None and video_grid_thw is None:
             # Text only: the same numbers as the general routine (padding at 1), without its per-token loop.
             real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
             text = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
@@ -376,19 +419,13 @@ class ArlowModel(ArlowPreTrainedModel):
         if pixel_values_videos is not None:
             video_feats = self.get_video_features(pixel_values_videos, video_grid_thw)
         image_mask = video_mask = None
-        prefill_ids = past == 0 and input_ids is not None
-        if image_feats is not None or video_feats is not None or prefill_ids:  # decode steps skip this
+        # As upstream: the placeholders are checked against the media where media are given; without media a
+        # placeholder id is just a token (assisted decoding, a generated placeholder id, embeddings of random ids).
+        if image_feats is not None or video_feats is not None:
             image_mask, video_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_feats, video_feats)
-        if prefill_ids:
-            # Generated tokens may be placeholder ids (they are plain embeddings then); a prompt may not.
-            for kind, mask, feats in (("image", image_mask, image_feats), ("video", video_mask, video_feats)):
-                if feats is None and mask.any():
-                    pixels_name = _MEDIA_KEYS[kind][0]
-                    raise ValueError(f"input_ids hold {int(mask.sum())} {kind} placeholder tokens but no "
-                                     f"{pixels_name} were given; pass the processor's {pixels_name} and grids")
         for mask, feats in ((image_mask, image_feats), (video_mask, video_feats)):
             if feats is not None:
-                rows = feats.last_hidden_state.to(inputs_embeds.device, inputs_embeds.dtype)
+                rows = torch.cat(feats.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), rows)
         visual_pos_masks, deepstack = self._deepstack_inputs(image_mask, video_mask, image_feats, video_feats)
 
@@ -424,8 +461,13 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
     input_modalities = ("image", "video", "text")
     accepts_loss_kwargs = False
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     _no_split_modules = ["ArlowVLBlock", "ArlowDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
+    # Decode steps trace without graph breaks and transformers' kwargs reach the decoder's attention interface
+    # (the vision tower runs at prefill only): tests/conformance proves both.
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
 
     def __init__(self, config: ArlowConfig):
         super().__init__(config)
@@ -464,11 +506,11 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values, image_grid_thw) -> ArlowVisualFeatures:
-        return self.model.get_image_features(pixel_values, image_grid_thw)
+    def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs) -> ArlowVisualFeatures | tuple:
+        return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
 
-    def get_video_features(self, pixel_values_videos, video_grid_thw) -> ArlowVisualFeatures:
-        return self.model.get_video_features(pixel_values_videos, video_grid_thw)
+    def get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs) -> ArlowVisualFeatures | tuple:
+        return self.model.get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
 
     def _mask_visual_labels(self, labels: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         """Placeholder positions are inputs, never targets: their labels become -100 whatever the caller wrote."""
@@ -567,7 +609,7 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
         """
         if expand_size == 1:
             return input_ids, model_kwargs
-        ids = input_ids if input_ids is not None else model_kwargs.get("input_ids")
+        ids = input_ids if input_ids is not None and input_ids.shape[-1] > 0 else model_kwargs.get("input_ids")
         media = {}
         for kind, keys in _MEDIA_KEYS.items():
             present = {k: model_kwargs.pop(k) for k in keys if k is not None and model_kwargs.get(k) is not None}
@@ -575,37 +617,24 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
                 media[kind] = present
         # Multi-axis positions (4, B, S) repeat along dim 1 (transformers 5.17-5.18 would repeat dim 0).
         positions = model_kwargs.pop("position_ids", None)
+        if media:
+            masks = dict(zip(("image", "video"), self._placeholder_masks(ids, model_kwargs.get("inputs_embeds"))))
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
         if positions is not None:
             model_kwargs["position_ids"] = positions.repeat_interleave(expand_size, dim=positions.ndim - 2)
         for kind, present in media.items():
-            model_kwargs.update(self._repeat_media(ids, kind, present, expand_size))
+            model_kwargs.update(_repeat_media(masks[kind], present, _MEDIA_KEYS[kind], expand_size))
         return input_ids, model_kwargs
 
-    def _repeat_media(self, input_ids, kind: str, present: dict, expand_size: int) -> dict:
-        """Repeat the items of each sample ``expand_size`` times, keeping samples in order."""
-        pixels_name, grid_name, _ = _MEDIA_KEYS[kind]
-        if input_ids is None or grid_name not in present:
-            raise ValueError(f"expanding {kind} inputs for beam search / num_return_sequences needs input_ids and "
-                             f"{grid_name}")
-        token_id = getattr(self.config, f"{kind}_token_id")
-        mask = input_ids == token_id
-        starts = mask & ~F.pad(mask[:, :-1], (1, 0), value=False)
-        per_sample = starts.sum(-1).tolist()  # items (runs) per sample
-        grid = present[grid_name]
-        rows_per_item = grid.prod(-1).tolist()
-        item_bounds, rows_bounds = [0], [0]
-        for count in per_sample:
-            item_bounds.append(item_bounds[-1] + count)
-            rows_bounds.append(rows_bounds[-1] + sum(rows_per_item[item_bounds[-2]:item_bounds[-1]]))
-        out = {}
-        for name, value in present.items():
-            bounds = rows_bounds if name == pixels_name else item_bounds
-            chunks = [value[bounds[i]:bounds[i + 1]] for i in range(len(per_sample))]
-            out[name] = torch.cat([chunk for chunk in chunks for _ in range(expand_size)])
-        return out
+    def _placeholder_masks(self, input_ids, inputs_embeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image_mask, video_mask)`` of the prompt, from its ids or (a prompt given as embeddings) its rows."""
+        if input_ids is not None and input_ids.shape[-1] > 0:
+            return self.model.get_placeholder_mask(input_ids, None)
+        if inputs_embeds is None:
+            raise ValueError("expanding media for beam search / num_return_sequences needs input_ids or inputs_embeds")
+        return self.model.get_placeholder_mask(None, inputs_embeds)
 
 
 def vlm_forward_flops(config: ArlowConfig, text_tokens: int, vision_lengths: list[int]) -> float:

@@ -179,7 +179,8 @@ def get_rope_index(
     position the next text token would have had; text after the item continues from the item's largest
     position + 1. For videos with ``second_per_grid_ts`` and ``tokens_per_second``, the temporal index follows real
     time: ``ti' = floor(ti * second_per_grid_ts[v] * tokens_per_second)``; otherwise ``ti' = ti``.
-    Padding (``attention_mask == 0``) gets position 1 and is skipped.
+    Padding (``attention_mask == 0``) gets position 1 and is skipped. Placeholders of a modality whose grids are
+    ``None`` (no media of that kind) are ordinary text tokens.
 
     Args:
         input_ids: ``(B, S)``.
@@ -197,7 +198,9 @@ def get_rope_index(
         attention_mask = torch.ones_like(input_ids)
     positions = torch.ones(3, B, S, dtype=torch.long, device=device)
     deltas = torch.zeros(B, 1, dtype=torch.long, device=device)
-    grids = {image_token_id: image_grid_thw, video_token_id: video_grid_thw}
+    # A modality without grids has no media: its placeholder ids are plain text tokens (transformers' contract).
+    grids = {tok: grid for tok, grid in ((image_token_id, image_grid_thw), (video_token_id, video_grid_thw))
+             if grid is not None}
     used = {image_token_id: 0, video_token_id: 0}
     s = spatial_merge_size
     for b in range(B):
@@ -218,9 +221,8 @@ def get_rope_index(
             kind = "image" if tok == image_token_id else "video"
             grid = grids[tok]
             k = used[tok]
-            if grid is None or k >= len(grid):
-                raise ValueError(f"found more {kind} placeholder runs than {kind} grids "
-                                 f"({0 if grid is None else len(grid)} given)")
+            if k >= len(grid):
+                raise ValueError(f"found more {kind} placeholder runs than {kind} grids ({len(grid)} given)")
             t, h, w = (int(v) for v in grid[k])
             hh, ww = h // s, w // s
             if j - i != t * hh * ww:

@@ -326,6 +326,7 @@ class ArlowTextPreTrainedModel(ActivationCheckpointingCompat, PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # a decode step (static cache) traces without graph breaks: tests/conformance
     _can_record_outputs = {"hidden_states": ArlowDecoderLayer, "attentions": ArlowAttention}
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -68,11 +68,13 @@ class ArlowVisionModelOutput(ModelOutput):
             ``config.deepstack_visual_indexes`` (empty tuple when there are none).
         hidden_states: with ``output_hidden_states=True``, ``depth + 1`` un-merged states ``(N, embed_dim)``: the
             patch embeddings entering block 0, then the output of every block.
+        unmerged_state: ``(N, embed_dim)`` output of the last block, before the merger, rows in input order.
     """
 
     last_hidden_state: torch.Tensor | None = None
     deepstack_features: tuple[torch.Tensor, ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    unmerged_state: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -597,6 +599,7 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         merged = self.merger(x)
 
         if layout.order is not None:
+            x = x[layout.restore]
             merged = merged[layout.token_restore]
             deepstack = [d[layout.token_restore] for d in deepstack]
             if hidden_states is not None:
@@ -605,6 +608,7 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
             last_hidden_state=merged,
             deepstack_features=tuple(deepstack),
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            unmerged_state=x,
         )
         return output if return_dict else output.to_tuple()
 

@@ -82,17 +82,20 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = DE
 
 
 def pixel_bounds(size) -> tuple[int | None, int | None]:
-    """``(min_pixels, max_pixels)`` from a ``size`` dict: ``{"min_pixels", "max_pixels"}`` or the reference
-    fork's / Qwen's ``{"shortest_edge", "longest_edge"}``, which hold pixel *counts* there, not edge lengths."""
+    """``(min_pixels, max_pixels)`` from a ``size`` dict: ``{"shortest_edge", "longest_edge"}`` (transformers 5.x and
+    Qwen2-VL's convention, which holds pixel *counts* there, not edge lengths) or the older
+    ``{"min_pixels", "max_pixels"}``; a ``SizeDict`` reads as the first form."""
     if size is None:
         return None, None
+    if isinstance(size, SizeDict):
+        return size.shortest_edge, size.longest_edge
     size = dict(size)
     if set(size) <= {"min_pixels", "max_pixels"}:
         return size.get("min_pixels"), size.get("max_pixels")
     if set(size) <= {"shortest_edge", "longest_edge"}:
         return size.get("shortest_edge"), size.get("longest_edge")
-    raise ValueError(f"size must be {{'min_pixels': int, 'max_pixels': int}} (pixel counts), got {size}; "
-                     "or pass min_pixels / max_pixels directly")
+    raise ValueError(f"size must be {{'shortest_edge': min_pixels, 'longest_edge': max_pixels}} (pixel counts), got "
+                     f"{size}; or pass min_pixels / max_pixels directly")
 
 
 def resize_and_normalize(image: np.ndarray, height: int, width: int, resample, rescale_factor: float | None,
@@ -127,9 +130,12 @@ class ArlowImageProcessor(PilBackend):
     r"""Image processor of Arlow: aspect-preserving resize to multiples of 28, normalisation, patchification.
 
     Args (also accepted per call):
-        min_pixels, max_pixels: bounds on the resized area (defaults ``56*56`` and ``28*28*1280``, i.e. 4 to 1280
-            merged tokens per image). ``size={"min_pixels": a, "max_pixels": b}`` (or the fork's
-            ``{"shortest_edge": a, "longest_edge": b}``, also pixel counts) is the same thing.
+        size: bounds on the resized area as ``{"shortest_edge": min_pixels, "longest_edge": max_pixels}`` (pixel
+            counts, transformers 5.x / Qwen2-VL convention; defaults ``56*56`` and ``28*28*1280``, i.e. 4 to 1280
+            merged tokens per image). This is the saved setting; the older ``{"min_pixels": a, "max_pixels": b}`` is
+            read too.
+        min_pixels, max_pixels: the same bounds given one at a time (they override ``size``); also readable and
+            settable as attributes.
         do_resize: resize with :func:`smart_resize`; if False every image must already have sides that are
             multiples of ``patch_size * merge_size``.
         resample: Pillow filter (bicubic).
@@ -142,9 +148,7 @@ class ArlowImageProcessor(PilBackend):
 
     do_resize = True
     resample = PILImageResampling.BICUBIC
-    min_pixels = DEFAULT_MIN_PIXELS
-    max_pixels = DEFAULT_MAX_PIXELS
-    size = {"min_pixels": DEFAULT_MIN_PIXELS, "max_pixels": DEFAULT_MAX_PIXELS}
+    size = {"shortest_edge": DEFAULT_MIN_PIXELS, "longest_edge": DEFAULT_MAX_PIXELS}
     default_to_square = False
     do_rescale = True
     rescale_factor = 1 / 255
@@ -165,31 +169,54 @@ class ArlowImageProcessor(PilBackend):
         for key in ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate",
                     "max_num_crops"):
             kwargs.pop(key, None)
-        # `size` is only another spelling of the pixel bounds; explicit min/max_pixels win over it.
-        low, high = pixel_bounds(kwargs.pop("size", None))
-        if kwargs.get("min_pixels") is None:  # the fork saves min_pixels/max_pixels = null next to `size`
-            kwargs["min_pixels"] = low if low is not None else type(self).min_pixels
-        if kwargs.get("max_pixels") is None:
-            kwargs["max_pixels"] = high if high is not None else type(self).max_pixels
+        kwargs["size"] = self._bounds_to_size(kwargs.pop("size", None), kwargs.pop("min_pixels", None),
+                                              kwargs.pop("max_pixels", None), type(self).size)
         super().__init__(**kwargs)
 
-    # -- kwargs: keep `size` and min/max_pixels one setting ----------------------------------------------------
+    @staticmethod
+    def _bounds_to_size(size, min_pixels, max_pixels, default) -> SizeDict:
+        """One ``SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)`` from ``size`` (either spelling) and
+        the explicit bounds, which win; what is still missing comes from ``default``."""
+        low, high = pixel_bounds(size)
+        default_low, default_high = pixel_bounds(default)
+        low = min_pixels if min_pixels is not None else low if low is not None else default_low
+        high = max_pixels if max_pixels is not None else high if high is not None else default_high
+        return SizeDict(shortest_edge=low, longest_edge=high)
+
+    @property
+    def min_pixels(self) -> int:
+        """Lower bound on the resized area: ``size["shortest_edge"]``."""
+        return pixel_bounds(self.size)[0]
+
+    @min_pixels.setter
+    def min_pixels(self, value: int | None) -> None:
+        if value is not None:
+            self.size = self._bounds_to_size(self.size, value, None, type(self).size)
+
+    @property
+    def max_pixels(self) -> int:
+        """Upper bound on the resized area: ``size["longest_edge"]``."""
+        return pixel_bounds(self.size)[1]
+
+    @max_pixels.setter
+    def max_pixels(self, value: int | None) -> None:
+        if value is not None:
+            self.size = self._bounds_to_size(self.size, None, value, type(self).size)
+
+    # -- kwargs: `size` and min/max_pixels are one setting -------------------------------------------------
 
     def preprocess(self, images, *args, **kwargs) -> BatchFeature:
-        low, high = pixel_bounds(kwargs.pop("size", None))
-        if kwargs.get("min_pixels") is None and low is not None:
-            kwargs["min_pixels"] = low
-        if kwargs.get("max_pixels") is None and high is not None:
-            kwargs["max_pixels"] = high
+        # A call's `size` must beat the instance's min/max_pixels, which transformers fills in for missing kwargs.
+        if kwargs.get("size") is not None:
+            size = self._bounds_to_size(kwargs.pop("size"), kwargs.get("min_pixels"), kwargs.get("max_pixels"),
+                                        self.size)
+            kwargs.update(min_pixels=size.shortest_edge, max_pixels=size.longest_edge)
         return super().preprocess(images, *args, **kwargs)
 
     def _standardize_kwargs(self, min_pixels=None, max_pixels=None, size=None, **kwargs) -> dict:
-        low, high = pixel_bounds(size)
-        min_pixels = min_pixels if min_pixels is not None else low
-        max_pixels = max_pixels if max_pixels is not None else high
-        kwargs = super()._standardize_kwargs(size=None, **kwargs)
-        kwargs.update(min_pixels=min_pixels, max_pixels=max_pixels,
-                      size=SizeDict(min_pixels=min_pixels, max_pixels=max_pixels))
+        size = self._bounds_to_size(size, min_pixels, max_pixels, self.size)
+        kwargs = super()._standardize_kwargs(size=size, **kwargs)
+        kwargs.update(min_pixels=size.shortest_edge, max_pixels=size.longest_edge)
         return kwargs
 
     # -- loading -----------------------------------------------------------------------------------------------
