@@ -37,6 +37,7 @@ from transformers.utils.generic import is_flash_attention_requested
 from .._compat import ActivationCheckpointingCompat
 from ..configuration import ArlowConfig, ArlowVisionConfig
 from . import kernels
+from .devices import to_device
 from .kernels.linear import Linear, linear, linear_then
 from .rope import (
     cu_seqlens_from_lengths,
@@ -186,7 +187,7 @@ def _build_layout(lengths: list[int], coords: torch.Tensor | None, config: Arlow
     total = starts[-1]
 
     def cu(ls):
-        return cu_seqlens_from_lengths(torch.tensor(ls, dtype=torch.long)).to(device)
+        return to_device(cu_seqlens_from_lengths(torch.tensor(ls, dtype=torch.long)), device)
 
     if whole_pack:
         return _PackedLayout(None, cu(lengths), max(lengths), coords=coords)
@@ -204,7 +205,7 @@ def _build_layout(lengths: list[int], coords: torch.Tensor | None, config: Arlow
     processing = [i for members in groups.values() for i in members]
     order = restore = token_restore = None
     if processing != list(range(len(lengths))):
-        order = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in processing]).to(device)
+        order = to_device(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in processing]), device)
         restore = torch.empty_like(order)
         restore[order] = torch.arange(total, device=order.device)
         # Items move as wholes and every length is a multiple of s*s, so tokens move with their first row.
@@ -555,7 +556,7 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         cfg = self.config
         grid, positions, lengths = self._check_inputs(pixel_values, grid_thw, patch_positions, seq_lengths)
         device = pixel_values.device
-        positions = positions.to(device)
+        positions = to_device(positions, device)  # checked on the host; the copy does not stall it
         x = self.patch_embed(pixel_values)
         merge_rows = self.spatial_merge_size**2
 
@@ -566,7 +567,7 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
 
         coords = None
         if cfg.use_deformable_attention:
-            extents = torch.repeat_interleave(grid, torch.tensor(lengths), dim=0).to(device)
+            extents = to_device(torch.repeat_interleave(grid, torch.tensor(lengths), dim=0), device)
             coords = normalized_coordinates(positions, extents)
         units = lengths  # rows that attend to each other
         if cfg.video_attention == "frame" and bool((grid[:, 0] > 1).any()):

@@ -180,3 +180,27 @@ def _forget_single_process_state() -> None:
         return
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU, whose ops run synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)
+
+
+def allreduce_bandwidth(device: torch.device, probe_bytes: int | None = None) -> float:
+    """Bytes per second of an all-reduce over the default process group, measured on a probe buffer (64 MiB on
+    GPUs, large enough that latency is negligible; 4 MiB on CPUs). A collective: every process calls it."""
+    import time
+
+    if probe_bytes is None:
+        probe_bytes = (64 << 20) if device.type != "cpu" else (4 << 20)
+    buffer = torch.zeros(probe_bytes // 4, dtype=torch.float32, device=device)
+    torch.distributed.all_reduce(buffer)  # warm-up: connection set-up and allocator
+    synchronize(device)
+    start = time.perf_counter()
+    torch.distributed.all_reduce(buffer)
+    synchronize(device)
+    return probe_bytes / max(time.perf_counter() - start, 1e-9)
