@@ -34,6 +34,7 @@ from .distributed import COMPUTE_DTYPE, allreduce_bandwidth, build_accelerator, 
 from .logs import RunLogger
 from .mfu import measure_matmul_peak, model_flops_utilisation
 from .optim import WarmupCosine, build_optimizer, build_param_groups, build_scheduler
+from .switches import compile_blocks, enable_activation_checkpointing
 
 COUNT_KEYS = ("num_tokens", "num_samples")  # batch keys that feed throughput and are not model inputs
 SCHEDULER_FILE = "scheduler.pt"
@@ -123,6 +124,10 @@ class Trainer:
 
         from accelerate.utils import DistributedType, set_seed
 
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if config.compile:
+            compile_blocks(model)
         self.accelerator = build_accelerator(config, model)
         acc = self.accelerator
         self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
