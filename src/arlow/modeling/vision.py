@@ -548,7 +548,9 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         if flash and coords is not None:
             raise ValueError(
                 "use_deformable_attention=True adds a per-pair score bias that flash attention cannot take. Use "
-                "attn_implementation='sdpa' (or 'eager') for the vision encoder, or turn the bias off."
+                "attn_implementation='arlow_flex' for the vision encoder (packing and the bias in one fused "
+                "flex_attention kernel; e.g. attn_implementation={'vision_config': 'arlow_flex', 'text_config': "
+                "'flash_attention_2'} for the VLM), 'sdpa', or turn the bias off."
             )
         layout = _build_layout(units, coords, cfg, dtype, device, self.spatial_merge_size**2,
                                whole_pack=flash or kernels.takes_whole_pack(cfg._attn_implementation))
