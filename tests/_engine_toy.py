@@ -38,6 +38,8 @@ class ToySpec:
 class ToyModel(nn.Module):
     """Linear -> LayerNorm -> GELU -> dropout -> Linear regression; MSE loss. Has 2-D weights and 1-D biases/norms."""
 
+    _no_split_modules = ["Linear"]  # what FSDP's TRANSFORMER_BASED_WRAP (configs/accelerate/fsdp.yaml) shards
+
     def __init__(self, d_in: int = 8, hidden: int = 16, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(d_in, hidden)
@@ -134,6 +136,7 @@ def main(argv: list[str]) -> None:
     trainer = Trainer(cfg, model, ToyData(spec, rank, world), flops_per_batch=toy_flops(spec))
     summary = trainer.train()
     acc = trainer.accelerator
+    Path(cfg.output_dir, f"params_{acc.process_index}.json").write_text(json.dumps(_param_sizes(trainer.model)))
     weights = acc.get_state_dict(trainer.model)
     if acc.is_main_process:
         from safetensors.torch import save_file
@@ -142,6 +145,14 @@ def main(argv: list[str]) -> None:
         Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary))
     acc.wait_for_everyone()
     acc.end_training()
+
+
+def _param_sizes(model: nn.Module) -> dict:
+    """Elements of every parameter held by this process, and its full size (FSDP2 shards are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: [(p.to_local() if isinstance(p, DTensor) else p).numel(), p.numel()]
+            for name, p in model.named_parameters()}
 
 
 def _skip_deepspeed_shm_build() -> None:

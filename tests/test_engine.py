@@ -452,3 +452,47 @@ def test_shipped_deepspeed_configs_resolve_and_fill(tmp_path):
         resolve_deepspeed_config({"gradient_accumulation_steps": 8}, cfg, None)
     with pytest.raises(ValueError, match="fp16.enabled=True.*precision='fp32'"):
         resolve_deepspeed_config({"fp16": {"enabled": True}}, cfg, None)
+
+
+# ---------------------------------------------------------------- host syncs
+
+
+def test_a_step_reads_the_device_once_whatever_the_accumulation(tmp_path, monkeypatch):
+    """No host read per micro-batch: an unlogged step makes one (is the global gradient norm finite?), whatever
+    gradient_accumulation_steps is; losses and norms are read when a record is logged. A spy counts every
+    .item()/.cpu()/.tolist()/bool()/float()/int() on a tensor made outside torch itself (torch's AdamW reads its
+    CPU step counters, which is no device sync) and outside the toy model (whose poison switch is a host read)."""
+    skip_dirs = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+    counting, calls = [False], []
+    for name in ("item", "cpu", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if counting[0] and not caller.startswith(skip_dirs):
+                calls.append(f"{_name} @ {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    per_step = {}
+    for k in (1, 4):
+        cfg = make_config(tmp_path / f"k{k}", max_steps=3, log_every=100, gradient_accumulation_steps=k)
+        trainer = Trainer(cfg, build_model(ToySpec()), ToyData(ToySpec()))
+        step = trainer._train_step
+
+        def counted_step(timed=False, _step=step, _k=k):
+            counting[0] = True
+            try:
+                return _step()
+            finally:
+                counting[0] = False
+                per_step.setdefault(_k, []).append(list(calls))
+                calls.clear()
+
+        trainer._train_step = counted_step
+        summary = trainer.train()
+        assert summary["step"] == 3 and math.isfinite(summary["loss"])
+    # steps 1 and 2 are not logged (log_every=100); step 3 is the last, timed and logged
+    for k in (1, 4):
+        assert [len(c) for c in per_step[k][:2]] == [1, 1], per_step[k]
+        assert per_step[k][0][0].startswith("__bool__ @ engine.py")

@@ -97,6 +97,31 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path, referen
     _assert_matches(reference, tmp_path / "ddp", atol=1e-6)
 
 
+def test_fsdp2_two_cpu_processes_shard_parameters_and_match_one_process(tmp_path, reference):
+    """The shipped FSDP2 accelerate config on 2 CPU processes (gloo): parameters are split between the ranks along
+    dim 0 (the parts add up; fc2.weight, one row, lives on rank 0 only), and training gives what one process
+    (and DDP) gives."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate launcher is not on PATH")
+    config = _write_config(tmp_path, "fsdp", gradient_accumulation_steps=1)
+    cmd = ["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+           "--num_processes", "2", "--main_process_port", str(_free_port()), str(TOY_SCRIPT), str(config)]
+    _run(cmd, {"ACCELERATE_USE_CPU": "1"})
+    _assert_matches(reference, tmp_path / "fsdp", atol=1e-6)
+    sizes = [json.loads((tmp_path / "fsdp" / f"params_{rank}.json").read_text()) for rank in (0, 1)]
+    assert sizes[0].keys() == sizes[1].keys() and len(sizes[0]) == 6
+    for name, (local0, full) in sizes[0].items():
+        local1 = sizes[1][name][0]
+        assert local0 + local1 == full, (name, local0, local1, full)
+        if name != "fc2.weight":
+            assert local0 < full and local1 < full, (name, local0, local1, full)
+    ckpt = tmp_path / "fsdp" / "checkpoint-6"
+    assert (ckpt / "pytorch_model_fsdp_0").is_dir()  # FSDP's sharded state, plus the full weights:
+    full = load_file(str(ckpt / "model.safetensors"))
+    final = load_file(str(tmp_path / "fsdp" / "final.safetensors"))
+    assert full.keys() == final.keys() and all(torch.equal(full[n], final[n]) for n in final)
+
+
 def test_deepspeed_zero2_two_processes_match_one_process(tmp_path, reference):
     pytest.importorskip("deepspeed")
     if shutil.which("accelerate") is None:

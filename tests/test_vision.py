@@ -387,8 +387,27 @@ def test_flash_path_with_frame_attention_splits_the_clip(varlen_reference):
 def test_flash_with_locality_bias_raises(varlen_reference):
     model = tiny_model(use_deformable_attention=True)
     model.config._attn_implementation = "flash_varlen_reference"
-    with pytest.raises(ValueError, match="sdpa"):
+    with pytest.raises(ValueError, match="arlow_flex"):
         model(*pack(ITEMS[:1]))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("video_attention", ["clip", "frame"])
+def test_flex_kernel_equals_eager_with_packing_and_locality_bias(bias, video_attention):
+    """``attn_implementation="arlow_flex"``: one flex_attention call over the whole pack (block mask per item, the
+    locality bias as a score modification) gives eager attention's output to fp32 rounding (CPU: flex's eager
+    reference; the same score/mask functions compile into one kernel on GPUs)."""
+    eager = tiny_model("eager", use_deformable_attention=bias, use_progressive_patches=True,
+                       deepstack_visual_indexes=[0], video_attention=video_attention)
+    flex = tiny_model("arlow_flex", use_deformable_attention=bias, use_progressive_patches=True,
+                      deepstack_visual_indexes=[0], video_attention=video_attention)
+    rows, grid = pack(ITEMS)
+    with torch.no_grad():
+        want, got = eager(rows, grid), flex(rows, grid)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.deepstack_features[0], want.deepstack_features[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        flex.train()(rows, grid)
 
 
 # ----------------------------------------------------------------------------------------------------------------

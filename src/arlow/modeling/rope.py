@@ -78,6 +78,9 @@ def _rotate_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x = x.to(dtype)  # one up-cast pass; same-dtype kernels below are faster than mixed bf16/fp32 ones
     c, s = cos[..., :half].to(dtype), sin[..., :half].to(dtype)
     x1, x2 = x[..., :half], x[..., half:]
+    if torch.compiler.is_compiling():
+        # out= writes into views break torch.compile's graph; the compiler fuses this form into one kernel anyway
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
     shape = x.shape
     lead, table = x.shape[:-1], cos.shape[:-1]  # tables may be D or D/2 wide; only their leading dims broadcast
     if (cos.dim() > x.dim() or sin.shape != cos.shape

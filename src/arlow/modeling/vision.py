@@ -37,6 +37,7 @@ from transformers.utils.generic import is_flash_attention_requested
 from .._compat import ActivationCheckpointingCompat
 from ..configuration import ArlowConfig, ArlowVisionConfig
 from . import kernels
+from .devices import to_device
 from .flops import linear_flops, transformer_block_flops
 from .kernels.linear import Linear, linear, linear_then
 from .rope import (
@@ -190,7 +191,7 @@ def _build_layout(lengths: list[int], coords: torch.Tensor | None, config: Arlow
     total = starts[-1]
 
     def cu(ls):
-        return cu_seqlens_from_lengths(torch.tensor(ls, dtype=torch.long)).to(device)
+        return to_device(cu_seqlens_from_lengths(torch.tensor(ls, dtype=torch.long)), device)
 
     if whole_pack:
         return _PackedLayout(None, cu(lengths), max(lengths), coords=coords)
@@ -208,7 +209,7 @@ def _build_layout(lengths: list[int], coords: torch.Tensor | None, config: Arlow
     processing = [i for members in groups.values() for i in members]
     order = restore = token_restore = None
     if processing != list(range(len(lengths))):
-        order = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in processing]).to(device)
+        order = to_device(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in processing]), device)
         restore = torch.empty_like(order)
         restore[order] = torch.arange(total, device=order.device)
         # Items move as wholes and every length is a multiple of s*s, so tokens move with their first row.
@@ -429,6 +430,7 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
 
     # -- input checks -------------------------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def _check_inputs(self, pixel_values, grid_thw, patch_positions, seq_lengths):
         """Validate the packed input; return ``(grid (n, 3) long, positions (N, 3) long, lengths list[int])``."""
         cfg, s = self.config, self.spatial_merge_size
@@ -531,6 +533,36 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
             raise ValueError("patch_positions lists the same merge window more than once within an item")
         return positions
 
+    @torch.compiler.disable
+    def _plan(self, grid: torch.Tensor, positions: torch.Tensor, lengths: list[int], dtype: torch.dtype,
+              device: torch.device) -> tuple[_PackedLayout, torch.Tensor, torch.Tensor]:
+        """Host-side planning of one forward: the attention layout (masks, ``cu_seqlens``, item order) and the
+        rotary tables ``cos, sin (N, D/2)`` in processing order. Python over item lengths, so ``torch.compile``
+        leaves it out (as it does :meth:`_check_inputs`) and compiles the blocks as whole graphs."""
+        cfg = self.config
+        positions = to_device(positions, device)  # checked on the host; the copy does not stall it
+        coords = None
+        if cfg.use_deformable_attention:
+            extents = to_device(torch.repeat_interleave(grid, torch.tensor(lengths), dim=0), device)
+            coords = normalized_coordinates(positions, extents)
+        units = lengths  # rows that attend to each other
+        if cfg.video_attention == "frame" and bool((grid[:, 0] > 1).any()):
+            units = temporal_slice_lengths(positions[:, 0], lengths)
+        flash = is_flash_attention_requested(cfg)
+        if flash and coords is not None:
+            raise ValueError(
+                "use_deformable_attention=True adds a per-pair score bias that flash attention cannot take. Use "
+                "attn_implementation='arlow_flex' for the vision encoder (packing and the bias in one fused "
+                "flex_attention kernel; e.g. attn_implementation={'vision_config': 'arlow_flex', 'text_config': "
+                "'flash_attention_2'} for the VLM), 'sdpa', or turn the bias off."
+            )
+        layout = _build_layout(units, coords, cfg, dtype, device, self.spatial_merge_size**2,
+                               whole_pack=flash or kernels.takes_whole_pack(cfg._attn_implementation))
+        cos, sin = self.rotary_pos_emb(positions)
+        if layout.order is not None:
+            cos, sin = cos[layout.order], sin[layout.order]
+        return layout, cos, sin
+
     # -- forward ------------------------------------------------------------------------------------------------
 
     def forward(
@@ -558,8 +590,6 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         """
         cfg = self.config
         grid, positions, lengths = self._check_inputs(pixel_values, grid_thw, patch_positions, seq_lengths)
-        device = pixel_values.device
-        positions = positions.to(device)
         x = self.patch_embed(pixel_values)
         merge_rows = self.spatial_merge_size**2
 
@@ -568,24 +598,9 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
             coarse = x.view(-1, merge_rows, x.shape[-1]).mean(dim=1, keepdim=True).expand(-1, merge_rows, -1)
             x = x + self.progressive_proj(coarse.reshape(x.shape))
 
-        coords = None
-        if cfg.use_deformable_attention:
-            extents = torch.repeat_interleave(grid, torch.tensor(lengths), dim=0).to(device)
-            coords = normalized_coordinates(positions, extents)
-        units = lengths  # rows that attend to each other
-        if cfg.video_attention == "frame" and bool((grid[:, 0] > 1).any()):
-            units = temporal_slice_lengths(positions[:, 0], lengths)
-        flash = is_flash_attention_requested(cfg)
-        if flash and coords is not None:
-            raise ValueError(
-                "use_deformable_attention=True adds a per-pair score bias that flash attention cannot take. Use "
-                "attn_implementation='sdpa' (or 'eager') for the vision encoder, or turn the bias off."
-            )
-        layout = _build_layout(units, coords, cfg, x.dtype, device, merge_rows,
-                               whole_pack=flash or kernels.takes_whole_pack(cfg._attn_implementation))
-        cos, sin = self.rotary_pos_emb(positions)
+        layout, cos, sin = self._plan(grid, positions, lengths, x.dtype, x.device)
         if layout.order is not None:
-            x, cos, sin = x[layout.order], cos[layout.order], sin[layout.order]
+            x = x[layout.order]
 
         hidden_states = [x] if output_hidden_states else None
         deepstack = []

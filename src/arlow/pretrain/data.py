@@ -123,6 +123,10 @@ def _identity(x):
     return x
 
 
+def _pinned(batch: dict) -> dict:
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class PretrainData:
     """Micro-batches of packed patch rows for MAE pretraining (see the module docstring for the layout).
 
@@ -148,6 +152,8 @@ class PretrainData:
         epochs: stop after this many epochs; ``None`` iterates for ever (the engine stops at ``max_steps``).
         with_labels: add ``labels (n,)``; ``None`` -> when every source in use has labels.
         check_sources: at start-up, decode items until one reads, so an unreadable source fails early.
+        pin_memory: hand out micro-batches in pinned (page-locked) memory, so that the copy to the GPU runs
+            without stalling the host; ``None``: when CUDA is available.
     """
 
     def __init__(self, images=None, videos=None, *, vision_config: ArlowVisionConfig | None = None,
@@ -156,7 +162,7 @@ class PretrainData:
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip_prob: float = 0.5, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, prefetch_factor: int = 2, epochs: int | None = None,
-                 with_labels: bool | None = None, check_sources: bool = True):
+                 with_labels: bool | None = None, check_sources: bool = True, pin_memory: bool | None = None):
         if images is None and videos is None:
             raise ValueError("give an image source, a video source or both (see PretrainData.builtin() for a demo)")
         self.images: ImageSource | None = image_source(images) if images is not None else None
@@ -204,6 +210,7 @@ class PretrainData:
         self.scale, self.ratio, self.hflip_prob = tuple(scale), tuple(ratio), hflip_prob
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.prefetch_factor, self.epochs = num_workers, prefetch_factor, epochs
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.mean, self.std = image_normalisation()
         sources = [s for s in (self.images, self.videos) if s is not None]
         has_labels = all(s.labels is not None for s in sources)
@@ -321,10 +328,14 @@ class PretrainData:
         maker = _SampleMaker(self)
         if self.num_workers == 0:
             results = (maker[task] for task in self._tasks())
+            if self.pin_memory:
+                results = ((_pinned(batch), skipped, after) for batch, skipped, after in results)
         else:
+            # One loader serves every epoch (the task stream runs on across epoch boundaries), so the workers
+            # live for the whole run without persistent_workers.
             loader = DataLoader(
                 maker, batch_size=None, sampler=self._tasks(), num_workers=self.num_workers,
-                collate_fn=_identity, prefetch_factor=self.prefetch_factor,
+                collate_fn=_identity, prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
                 # a private generator: the loader's worker seeds must not consume the training RNG
                 generator=torch.Generator().manual_seed(self.seed),
             )

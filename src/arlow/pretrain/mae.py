@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 
 from .._compat import ActivationCheckpointingCompat, build_sub_configs, declare_sub_configs
 from ..configuration import ArlowVisionConfig, default_mrope_sections
+from ..modeling.devices import to_device
 from ..modeling.flops import linear_flops, transformer_block_flops
 from ..modeling.rope import apply_rotary, mrope_slot_axes, multi_axis_angles, rope_inv_freq, vision_patch_positions
 from ..modeling.vision import ArlowVLVisionModel, vision_forward_flops
@@ -135,6 +136,9 @@ class ArlowMAEForPreTraining(ActivationCheckpointingCompat, PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["ArlowVLBlock", "MAEDecoderBlock"]
+    # Inputs the training engine leaves on the host: the masking, positions and packing layout are planned from
+    # the grids on the CPU, and reading them back from a GPU would stall it every forward.
+    host_input_names = ("grid_thw",)
 
     def __init__(self, config: ArlowMAEConfig):
         super().__init__(config)
@@ -180,10 +184,12 @@ class ArlowMAEForPreTraining(ActivationCheckpointingCompat, PreTrainedModel):
     def forward_encoder(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, mask: WindowMask):
         """Encode the visible windows. Returns merged tokens ``(n_visible_windows, hidden)`` and DeepStack list."""
         s = self.config.vision_config.spatial_merge_size
-        rows = mask.visible_rows.to(pixel_values.device)
-        positions = vision_patch_positions(grid_thw, s).to(pixel_values.device)[rows]
+        grid_thw = grid_thw.cpu()
+        # positions and lengths stay on the host, where the encoder checks them; only the row index travels
+        positions = vision_patch_positions(grid_thw, s)[mask.visible_rows]
+        rows = to_device(mask.visible_rows, pixel_values.device)
         out = self.encoder(pixel_values=pixel_values[rows], grid_thw=grid_thw, patch_positions=positions,
-                           seq_lengths=mask.visible_lengths.to(pixel_values.device))
+                           seq_lengths=mask.visible_lengths)
         return out.last_hidden_state, list(out.deepstack_features or ())
 
     def forward_decoder(self, latent: torch.Tensor, deepstack: list[torch.Tensor], grid_thw: torch.Tensor,
@@ -192,9 +198,10 @@ class ArlowMAEForPreTraining(ActivationCheckpointingCompat, PreTrainedModel):
         vis = self.decoder_embed(latent)
         for proj, level in zip(self.decoder_deepstack_embed, deepstack):
             vis = vis + proj(level)
-        masked = mask.masked.to(latent.device)
-        tokens = self.mask_token.to(vis.dtype).expand(masked.numel(), -1).clone()
-        tokens[~masked] = vis
+        # index tensors made on the host: a boolean-mask write on the device would sync to count its rows
+        visible = to_device((~mask.masked).nonzero().squeeze(1), latent.device)
+        tokens = self.mask_token.to(vis.dtype).expand(mask.masked.numel(), -1).clone()
+        tokens[visible] = vis
         cos, sin = self.decoder_rotary(grid_thw)
         # Items with the same number of windows attend in one batched call; no cross-item mask is needed.
         counts = mask.window_counts.tolist()
@@ -204,7 +211,7 @@ class ArlowMAEForPreTraining(ActivationCheckpointingCompat, PreTrainedModel):
         out = torch.empty_like(tokens)
         for length in sorted(set(counts)):
             idx = [i for i, c in enumerate(counts) if c == length]
-            sel = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in idx]).to(latent.device)
+            sel = to_device(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in idx]), latent.device)
             x = tokens[sel].view(len(idx), length, -1)
             c_, s_ = cos[sel].view(len(idx), length, -1), sin[sel].view(len(idx), length, -1)
             for block in self.decoder_blocks:
@@ -222,7 +229,7 @@ class ArlowMAEForPreTraining(ActivationCheckpointingCompat, PreTrainedModel):
         """
         device = self.mask_token.device
         head_dim = self.config.decoder_hidden_size // self.config.decoder_num_heads
-        pos = window_positions(grid_thw, self.config.vision_config.spatial_merge_size).to(device)
+        pos = to_device(window_positions(grid_thw.cpu(), self.config.vision_config.spatial_merge_size), device)
         inv_freq = rope_inv_freq(head_dim, self.config.decoder_rope_theta, device=device)
         angles = multi_axis_angles(pos, inv_freq, self.decoder_slot_axes)
         emb = torch.cat([angles, angles], dim=-1)
@@ -235,8 +242,7 @@ class ArlowMAEForPreTraining(ActivationCheckpointingCompat, PreTrainedModel):
         if self.config.norm_pix_loss:
             target = normalize_patches(target)[0]
         per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (M, s2)
-        masked = mask.masked.to(pred.device)
-        return per_patch[masked].mean()
+        return per_patch[to_device(mask.masked.nonzero().squeeze(1), pred.device)].mean()
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, noise: torch.Tensor | None = None,
                 mask_ratio: float | None = None, **unused) -> MAEOutput:

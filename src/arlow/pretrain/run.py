@@ -32,6 +32,7 @@ from .data import IMAGE, VIDEO, PretrainData
 from .export import MAE_CONFIG, export_checkpoint, load_mae_checkpoint
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from .packing import collate_items
+from .plan import accumulation_for, check_plan, run_plan
 from .reconstruct import save_reconstruction_grid
 
 __all__ = ["load_recipe", "build_model", "build_data", "pretrain", "run"]
@@ -58,6 +59,7 @@ def build_model(model_section: dict) -> ArlowMAEForPreTraining:
 
 def build_data(data_section: dict, vision_config, seed: int) -> PretrainData:
     section = dict(data_section or {})
+    section.pop("tokens_per_step", None)  # a step size, not a pipeline setting (see resolve_accumulation)
     images, videos = section.pop("images", "builtin"), section.pop("videos", None)
     builtin_images, builtin_videos = builtin_media()
     if images == "builtin":
@@ -72,12 +74,37 @@ def build_data(data_section: dict, vision_config, seed: int) -> PretrainData:
                         **section)
 
 
+def resolve_accumulation(tree: dict, world_size: int) -> dict:
+    """The ``train`` section with ``gradient_accumulation_steps`` derived from ``data.tokens_per_step`` when the
+    recipe gives a step size in patch rows (the token budget of one optimizer step over all processes)."""
+    train = dict(tree.get("train") or {})
+    data = dict(tree.get("data") or {})
+    tokens_per_step = data.get("tokens_per_step")
+    if tokens_per_step is None:
+        return train
+    accumulation = accumulation_for(int(tokens_per_step), int(data.get("tokens_per_batch", 4096)), world_size)
+    given = train.get("gradient_accumulation_steps")
+    if given is not None and int(given) != accumulation:
+        raise ValueError(
+            f"train.gradient_accumulation_steps={given} contradicts data.tokens_per_step={tokens_per_step} "
+            f"(= {accumulation} micro-batches of {data.get('tokens_per_batch', 4096)} rows on each of {world_size} "
+            "processes); set one of them, not both (gradient_accumulation_steps=null)")
+    train["gradient_accumulation_steps"] = accumulation
+    return train
+
+
 def pretrain(tree: dict) -> dict:
     """Run a recipe tree (see :func:`load_recipe`). Returns the engine's summary."""
-    train_cfg = TrainConfig.from_dict(dict(tree.get("train") or {}))
+    rank, world = rank_and_world()
+    train_cfg = TrainConfig.from_dict(resolve_accumulation(tree, world))
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank and on resume
     model = build_model(tree.get("model"))
     data = build_data(tree.get("data"), model.config.vision_config, train_cfg.seed)
+    plan = run_plan(data, world, train_cfg)
+    for warning in check_plan(plan):
+        logger.warning(warning)
+    if rank == 0:
+        print(plan.describe(), flush=True)
     recon = dict(tree.get("reconstruct") or {})
     num_items, recon_seed = int(recon.get("num_items", 4)), int(recon.get("seed", 0))
     preview = _preview_batch(tree.get("data"), model.config.vision_config, num_items)

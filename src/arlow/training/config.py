@@ -61,6 +61,8 @@ class TrainConfig:
     progress_bar: bool = True  # tqdm bar on the main process
     peak_flops: float | None = None  # FLOP/s of one device for MFU; None: measured once with a square matmul
     cpu: bool = False  # train on CPU even when a GPU is present
+    compile: bool = False  # torch.compile the model's repeated blocks (its _no_split_modules classes) in place
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

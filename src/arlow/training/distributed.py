@@ -163,7 +163,36 @@ def build_accelerator(config: TrainConfig, model: torch.nn.Module | None = None)
             os.environ.pop("ACCELERATE_USE_CPU", None)
     else:
         kwargs["cpu"] = on_cpu
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if on_cpu and uses_fsdp() and accelerator.num_processes > 1:
+        _shard_on_cpu(accelerator)
+    return accelerator
+
+
+def uses_fsdp() -> bool:
+    """FSDP was asked for by ``accelerate launch`` (``distributed_type: FSDP`` / ``--use_fsdp``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def _shard_on_cpu(accelerator) -> None:
+    """Make FSDP2 real on CPU processes. accelerate only turns FSDP on for accelerator device types and otherwise
+    trains with plain DDP without a word; FSDP2's ``fully_shard`` itself works on a CPU device mesh over gloo, so
+    the accelerator is switched to accelerate's own FSDP2 path (the plugin read from the launcher's FSDP_*
+    variables)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            "FSDP on CPU processes needs FSDP2 (fsdp_version: 2 in the accelerate config, as the shipped "
+            "configs/accelerate/fsdp.yaml has): FSDP1 has no CPU support"
+        )
+    # AcceleratorState copies PartialState's fields over its own whenever it is constructed again (accelerate's
+    # utilities do that), so both shared states must say FSDP.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def _forget_single_process_state() -> None:
@@ -178,3 +207,27 @@ def _forget_single_process_state() -> None:
         return
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU, whose ops run synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)
+
+
+def allreduce_bandwidth(device: torch.device, probe_bytes: int | None = None) -> float:
+    """Bytes per second of an all-reduce over the default process group, measured on a probe buffer (64 MiB on
+    GPUs, large enough that latency is negligible; 4 MiB on CPUs). A collective: every process calls it."""
+    import time
+
+    if probe_bytes is None:
+        probe_bytes = (64 << 20) if device.type != "cpu" else (4 << 20)
+    buffer = torch.zeros(probe_bytes // 4, dtype=torch.float32, device=device)
+    torch.distributed.all_reduce(buffer)  # warm-up: connection set-up and allocator
+    synchronize(device)
+    start = time.perf_counter()
+    torch.distributed.all_reduce(buffer)
+    synchronize(device)
+    return probe_bytes / max(time.perf_counter() - start, 1e-9)

@@ -31,10 +31,11 @@ from .checkpoint import (
     write_trainer_state,
 )
 from .config import TrainConfig
-from .distributed import COMPUTE_DTYPE, build_accelerator
+from .distributed import COMPUTE_DTYPE, allreduce_bandwidth, build_accelerator, synchronize
 from .logs import RunLogger
 from .mfu import measure_matmul_peak, model_flops_utilisation
 from .optim import WarmupCosine, build_optimizer, build_param_groups, build_scheduler
+from .switches import compile_blocks, enable_activation_checkpointing
 
 COUNT_KEYS = ("num_tokens", "num_samples")  # batch keys that feed throughput and are not model inputs
 SCHEDULER_FILE = "scheduler.pt"
@@ -49,8 +50,9 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class _StepResult:
-    loss: float | None = None  # mean micro-batch loss over all processes (None when the step was skipped)
-    grad_norm: float | None = None  # global pre-clip norm of an applied step
+    # Kept on the device: reading them is a host sync, done only when a record is logged (``_record``).
+    loss: torch.Tensor | None = None  # this process's mean micro-batch loss (None when the step was skipped)
+    grad_norm: torch.Tensor | float | None = None  # global pre-clip norm of an applied step
     lr: float = 0.0
     nonfinite: bool = False
     overflow: bool = False  # fp16 loss-scaler skip
@@ -66,10 +68,12 @@ class _Interval:
     """Sums since the previous log record."""
 
     steps: int = 0
-    loss_sum: float = 0.0
+    loss_sum: torch.Tensor | float = 0.0  # device tensor once a step added to it
     loss_count: int = 0
-    norm_sum: float = 0.0
+    norm_sum: torch.Tensor | float = 0.0
     norm_count: int = 0
+    compute_time: float | None = None  # seconds of the interval's timed step (fwd + bwd + optimizer)
+    comm_time: float | None = None  # estimated seconds of that step's gradient reductions
     tokens: float = 0.0
     samples: float = 0.0
     flops: float = 0.0
@@ -116,7 +120,13 @@ class Trainer:
         self.data = data
         self.flops_per_batch = flops_per_batch
         self.on_checkpoint = on_checkpoint
+        # batch keys the model wants on the host (e.g. grids it plans index tensors from): not sent to the device
+        self._host_inputs = frozenset(getattr(model, "host_input_names", ()))
 
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if config.compile:
+            compile_blocks(model)
         self.accelerator = build_accelerator(config, model)
         acc = self.accelerator
         self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
@@ -135,7 +145,8 @@ class Trainer:
         self.nonfinite_skipped = 0
         self.overflow_skipped = 0
         self.consecutive_nonfinite = 0
-        self.last_loss: float | None = None
+        self.last_loss: float | None = None  # global mean loss of the last applied step (read when logged/saved)
+        self._last_loss: torch.Tensor | None = None  # its device value on this process, not yet read
         self.elapsed = 0.0
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
@@ -178,7 +189,8 @@ class Trainer:
         interval = _Interval(start=started)
         try:
             while self.step < cfg.max_steps:
-                result = self._train_step()
+                logged_next = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+                result = self._timed_step(interval) if logged_next else self._train_step()
                 with warnings.catch_warnings():
                     # Steps skipped as non-finite never call optimizer.step(); the schedule still advances by design.
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
@@ -199,6 +211,7 @@ class Trainer:
                     interval.paused += time.perf_counter() - t0
         finally:
             logger.close()
+        self._read_last_loss()
         return {
             "step": self.step,
             "loss": self.last_loss,
@@ -210,74 +223,105 @@ class Trainer:
             "log_file": str(logger.path),
         }
 
-    def _train_step(self) -> _StepResult:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+    def _train_step(self, timed: bool = False) -> _StepResult:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        Host syncs: none per micro-batch; one per step outside DeepSpeed and fp16 (is the global gradient norm
+        finite? under DDP the gradients are already reduced, so every process takes the same decision). Losses
+        and norms stay on the device until a record is logged. ``timed``: synchronise the device around the step
+        to measure its compute time (used on logged steps only; see :meth:`_timed_step`).
+        """
         cfg, acc = self.config, self.accelerator
         k = cfg.gradient_accumulation_steps
         result = _StepResult(lr=float(self.scheduler.get_last_lr()[0]))
         engine = acc.deepspeed_engine_wrapped.engine if self.is_deepspeed else None
         skipped_before = engine.skipped_steps if engine is not None else 0
-        losses: list[float] = []
-        bad = False
+        losses: list[torch.Tensor] = []
         for j in range(k):
-            batch = self._next_batch()
-            if bad:
-                continue  # this step is lost already: consume its data so every process stays aligned, skip compute
-            inputs = self._account(batch, result)
+            inputs = self._account(self._next_batch(), result)
             last = j == k - 1
             acc.sync_gradients = last
             with nullcontext() if last else acc.no_sync(self.model):
                 loss = _loss_of(self.model(**inputs))
-                # One scalar all-reduce: every process learns whether any process saw NaN/inf (NaN survives a mean).
-                mean_loss = acc.reduce(loss.detach().float().reshape(1).clone(), "mean").item()
-                if math.isfinite(mean_loss):
-                    losses.append(mean_loss)
-                    acc.backward(loss)
-                    continue
-            bad = True
-            if engine is not None:
-                # DeepSpeed steps inside the boundary backward; NaN gradients make its overflow check skip the step
-                # and clear its accumulation buffers on every rank (ZeRO 1-3, any precision).
-                acc.sync_gradients = True
-                acc.backward(loss * float("nan"))
+                losses.append(loss.detach().float())
+                # A non-finite loss is not checked here (that would sync the host every micro-batch): its NaN/inf
+                # gradients reach the global norm (all processes, after the reduction) and the step is skipped.
+                acc.backward(loss)
         acc.sync_gradients = True
+        step_loss = torch.stack(losses).mean()
 
-        if bad:
-            result.nonfinite = True
-            if engine is None:
-                self.optimizer.zero_grad(set_to_none=True)
-            elif engine.skipped_steps == skipped_before:
-                raise RuntimeError(
-                    "DeepSpeed applied an optimizer step with non-finite gradients, so the weights are no longer "
-                    "finite. Use ZeRO stage >= 1 and keep bf16.check_grad_overflow true in the DeepSpeed config."
-                )
-            return result
-
-        result.loss = sum(losses) / len(losses)
         if engine is not None:
+            # DeepSpeed checks the gradients for inf/NaN itself (fp16 overflow, bf16.check_grad_overflow) and skips
+            # the step on every rank; its norm is a host float already.
             norm = engine.get_global_grad_norm()
             if engine.skipped_steps != skipped_before:
                 if self.config.precision == "fp16":
                     result.overflow = True
                 else:
                     result.nonfinite = True
-            elif norm is not None:
-                result.grad_norm = float(norm)
+            elif not bool(torch.isfinite(step_loss)):
+                raise RuntimeError(
+                    "DeepSpeed applied an optimizer step with non-finite gradients, so the weights are no longer "
+                    "finite. Use ZeRO stage >= 1 and keep bf16.check_grad_overflow true in the DeepSpeed config."
+                )
+            else:
+                result.loss = step_loss
+                result.grad_norm = float(norm) if norm is not None else None
             return result
 
         max_norm = cfg.clip_norm if cfg.clip_norm is not None else math.inf
-        norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-        if not math.isfinite(norm) and cfg.precision != "fp16":
-            # Finite loss but inf/NaN gradient (fp32/bf16): same treatment as a non-finite loss.
+        norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
+        if cfg.precision != "fp16" and not bool(torch.isfinite(norm)):  # the step's one host sync
+            # inf/NaN gradient (fp32/bf16), from a non-finite loss or not: skip the step
             result.nonfinite = True
         else:
             self.optimizer.step()
             if self.optimizer.step_was_skipped:
                 result.overflow = True  # fp16: the scaler found inf/NaN, lowered the scale and skipped
             else:
-                result.grad_norm = norm
+                result.loss = step_loss
+                result.grad_norm = norm.detach()
         self.optimizer.zero_grad(set_to_none=True)
         return result
+
+    def _timed_step(self, interval: _Interval) -> _StepResult:
+        """:meth:`_train_step` between device synchronisations (its compute time, communication not hidden by
+        overlap included), then an estimate of its gradient-reduction time. Run on logged steps only."""
+        device = self.accelerator.device
+        synchronize(device)
+        start = time.perf_counter()
+        result = self._train_step()
+        synchronize(device)
+        interval.compute_time = time.perf_counter() - start
+        t0 = time.perf_counter()
+        interval.comm_time = self._comm_estimate()
+        interval.paused += time.perf_counter() - t0
+        return result
+
+    def _comm_estimate(self) -> float:
+        """Seconds per step of gradient reduction: reductions per step x gradient bytes / the all-reduce
+        bandwidth measured now on a probe buffer. One reduction per step under DDP/FSDP/ZeRO-0/1; one per
+        micro-batch under ZeRO >= 2, which reduces on every backward (accelerate's ``no_sync`` does nothing there)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return 0.0
+        grad_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        if not self._is_fsdp and not self.is_deepspeed and self.config.precision != "fp32":
+            grad_bytes = sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad)  # fp32 master grads
+        reductions = 1
+        if self.is_deepspeed:
+            stage = acc.deepspeed_engine_wrapped.engine.zero_optimization_stage()
+            reductions = self.config.gradient_accumulation_steps if stage >= 2 else 1
+        return reductions * grad_bytes / allreduce_bandwidth(acc.device)
+
+    def _read_last_loss(self) -> None:
+        """Set ``last_loss`` to the all-process mean of the last applied step's loss (a collective: every
+        process calls this, at records, checkpoints and the end)."""
+        if self._last_loss is None:
+            return
+        self.last_loss = self.accelerator.reduce(self._last_loss.detach().float().reshape(1), "mean").item()
+        self._last_loss = None
 
     def _next_batch(self) -> Mapping[str, Any]:
         try:
@@ -304,7 +348,10 @@ class Trainer:
         if self.flops_per_batch is not None:
             result.flops += float(self.flops_per_batch(batch))
         inputs = {key: value for key, value in batch.items() if key not in COUNT_KEYS}
-        inputs = send_to_device(inputs, self.accelerator.device)
+        host = {key: inputs.pop(key) for key in self._host_inputs if key in inputs}
+        # non_blocking: from pinned memory (the data loader pins on GPUs) the copy does not stall the host
+        inputs = send_to_device(inputs, self.accelerator.device, non_blocking=True)
+        inputs.update(host)
         if self._input_dtype is not None:
             # DeepSpeed bf16/fp16 holds the model itself in low precision (no autocast): float inputs must match.
             inputs = {
@@ -328,37 +375,48 @@ class Trainer:
             return
         self.consecutive_nonfinite = 0
         if result.loss is not None:
-            self.last_loss = result.loss
-            interval.loss_sum += result.loss
+            self._last_loss = result.loss
+            interval.loss_sum = interval.loss_sum + result.loss
             interval.loss_count += 1
         if result.overflow:
             self.overflow_skipped += 1
         elif result.grad_norm is not None:
-            interval.norm_sum += result.grad_norm
+            interval.norm_sum = interval.norm_sum + result.grad_norm
             interval.norm_count += 1
 
     def _record(self, interval: _Interval, result: _StepResult, peak: float | None) -> dict[str, Any]:
         acc = self.accelerator
         seconds = max(time.perf_counter() - interval.start - interval.paused, 1e-9)
-        totals = torch.tensor(
-            [interval.tokens, interval.samples, interval.flops, float(interval.has_tokens), float(interval.has_samples)],
-            dtype=torch.float64,
-            device=acc.device,
-        )
-        tokens, samples, flops, has_tokens, has_samples = acc.reduce(totals, "sum").tolist()
+
+        def scalar(value):
+            if isinstance(value, torch.Tensor):
+                return value.detach().to(acc.device, torch.float64).reshape(())
+            return torch.tensor(float(value), dtype=torch.float64, device=acc.device)
+
+        totals = torch.stack([scalar(v) for v in (
+            interval.tokens, interval.samples, interval.flops, float(interval.has_tokens),
+            float(interval.has_samples), interval.loss_sum)])
+        # one reduction and one host read per record: counts, and the loss summed over processes
+        tokens, samples, flops, has_tokens, has_samples, loss_sum = acc.reduce(totals, "sum").tolist()
+        self._read_last_loss()
+        # every process applies the same steps, so the mean over processes of per-process means is the global mean
+        loss = loss_sum / acc.num_processes / interval.loss_count if interval.loss_count else None
+        grad_norm = float(interval.norm_sum) / interval.norm_count if interval.norm_count else None  # same everywhere
         mfu = None
         if peak is not None and flops > 0:
             mfu = model_flops_utilisation(flops, seconds, peak * acc.num_processes)
         return {
             "step": self.step,
-            "loss": interval.loss_sum / interval.loss_count if interval.loss_count else None,
+            "loss": loss,
             "lr": result.lr,
-            "grad_norm": interval.norm_sum / interval.norm_count if interval.norm_count else None,
+            "grad_norm": grad_norm,
             "loss_scale": self._loss_scale(),
             "tokens_per_s": tokens / seconds if has_tokens else None,
             "samples_per_s": samples / seconds if has_samples else None,
             "mfu": mfu,
             "step_time": seconds / max(interval.steps, 1),
+            "compute_time": interval.compute_time,
+            "comm_time": interval.comm_time,
             "nonfinite_skipped": self.nonfinite_skipped,
             "overflow_skipped": self.overflow_skipped,
             "elapsed": self.elapsed,
@@ -397,6 +455,7 @@ class Trainer:
         ``on_checkpoint`` hook, prune old checkpoints. Refuses to save non-finite weights."""
         acc, cfg = self.accelerator, self.config
         self._check_finite_weights()
+        self._read_last_loss()
 
         def write(tmp: Path) -> None:
             acc.save_state(str(tmp), safe_serialization=True)

@@ -27,6 +27,8 @@ FIELDS = {
     "samples_per_s": "num_samples of all processes' micro-batches per second since the previous record (null if absent)",
     "mfu": "model FLOPs utilisation: flops_per_batch FLOPs per second / (measured peak x processes) (null if no flops_per_batch)",
     "step_time": "seconds per optimizer step since the previous record",
+    "compute_time": "seconds of this record's last step measured between device synchronisations (forward, backward, optimizer; communication not hidden by overlap included)",
+    "comm_time": "estimated seconds per step of gradient reduction: reductions per step x gradient bytes / all-reduce bandwidth measured at this record (0 on one process)",
     "nonfinite_skipped": "steps skipped so far because the loss or the gradient was non-finite (whole run)",
     "overflow_skipped": "fp16 steps skipped so far by the dynamic loss scaler (normal while the scale calibrates)",
     "elapsed": "training seconds so far, summed over resumed segments",

@@ -8,6 +8,8 @@
   name               module
   ================== ===========================================================================================
   arlow_blocked_cpu  :mod:`.blocked_attention`: bf16 CPU inference in cache-sized blocks; SDPA elsewhere
+  arlow_flex         :mod:`.flex_attention`: the vision pack with the locality bias in one fused flex_attention
+                     kernel (block mask per item, bias as a score modification); SDPA for other callers
   ================== ===========================================================================================
 
 An attention kernel module defines ``NAME``, ``attention(module, query, key, value, attention_mask, scaling,
@@ -26,9 +28,9 @@ from __future__ import annotations
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from . import blocked_attention
+from . import blocked_attention, flex_attention
 
-ATTENTION_KERNELS = {kernel.NAME: kernel for kernel in (blocked_attention,)}
+ATTENTION_KERNELS = {kernel.NAME: kernel for kernel in (blocked_attention, flex_attention)}
 
 for _name, _kernel in ATTENTION_KERNELS.items():
     AttentionInterface.register(_name, _kernel.attention)
