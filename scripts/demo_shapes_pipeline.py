@@ -1,10 +1,16 @@
 """The end-to-end demonstration on a CPU: MAE pretraining -> alignment -> instruction tuning of a tiny VLM on
-generated shapes, then accuracy on held-out images and clips (colour, count, position, direction of motion), next to
-the same pipeline with every image and clip blanked. See docs/finetuning.md and arlow.demos.shapes.
+generated shapes, then accuracy on held-out images and clips (colour, count, position, direction of motion), each
+with a 95% interval and an exact binomial test against chance, next to two controls that must fall to chance: the
+trained model asked about another sample's media ("mismatched"), and the same pipeline trained on media shuffled
+against their answers ("shuffled"). See docs/finetuning.md and arlow.demos.shapes.
 
-    python scripts/demo_shapes_pipeline.py runs/shapes-demo            # both pipelines, about 13 min on 2 cores
-    python scripts/demo_shapes_pipeline.py runs/shapes-demo --short    # the test's size
-    python scripts/demo_shapes_pipeline.py runs/shapes-demo --only real
+    python scripts/demo_shapes_pipeline.py runs/shapes-demo                  # real + shuffled pipelines
+    python scripts/demo_shapes_pipeline.py runs/shapes-demo --short          # the test's size
+    python scripts/demo_shapes_pipeline.py runs/shapes-demo --only real --seed 1 --threads 1
+
+Threads: ``--threads auto`` (the default) uses one thread per idle core - the cores minus the 1-minute load
+average, at least one - so that on a loaded machine it runs single-threaded, which is faster there (more threads
+than free cores wait on each other at every operation).
 """
 
 from __future__ import annotations
@@ -20,37 +26,68 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def auto_threads() -> int:
+    """One thread per idle core: ``cpu_count - 1-minute load average``, rounded, at least 1."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform: assume an idle machine
+        load = 0.0
+    return max(1, min(cores, round(cores - load)))
+
+
+def threads_arg(value: str) -> int:
+    if value == "auto":
+        return auto_threads()
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--threads takes a positive integer or 'auto', got {value!r}")
+    return int(value)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", help="folder for the data, every stage's run and results.json")
+    parser.add_argument("output", help="folder for the data, every stage's run and summary.json")
     parser.add_argument("--short", action="store_true", help="the short version the test runs")
-    parser.add_argument("--only", choices=("real", "blank"), help="run one of the two pipelines")
+    parser.add_argument("--only", choices=("real", "shuffled"), help="run one of the two pipelines")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sft-steps", type=int, default=None)
+    parser.add_argument("--threads", type=threads_arg, default="auto",
+                        help="torch threads: a number, or 'auto' (default): one per idle core, at least one")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    import torch
+
     from arlow.demos.shapes import FULL, SHORT, run_pipeline
 
+    torch.set_num_threads(args.threads)
+    print(f"[demo] {args.threads} thread(s)")
     settings = replace(SHORT if args.short else FULL, seed=args.seed)
     if args.sft_steps:
         settings = replace(settings, sft_steps=args.sft_steps)
     results = {}
-    for name in ("real", "blank"):
+    for name in ("real", "shuffled"):
         if args.only and name != args.only:
             continue
-        results[name] = run_pipeline(os.path.join(args.output, name), settings, blank=name == "blank")
-    print(f"\n{'task':<10} {'chance':>7} " + " ".join(f"{n:>7}" for n in results))
-    tasks = sorted({t for r in results.values() for t in r["accuracy"]}, key=lambda t: (t == "all", t))
-    for task in tasks:
-        row = [results[n]["accuracy"].get(task, {}) for n in results]
-        chance = row[0].get("chance", float("nan"))
-        cells = " ".join(f"{r['accuracy']:>7.3f}" if r else f"{'-':>7}" for r in row)
-        print(f"{task:<10} {chance:>7.3f} {cells}   (n={row[0].get('total')})")
+        out = run_pipeline(os.path.join(args.output, name), settings, shuffle_answers=name == "shuffled")
+        results[name] = out["accuracy"]
+        results[f"{name}, mismatched media"] = out["mismatched"]
+    print(format_table(results))
     with open(os.path.join(args.output, "summary.json"), "w") as handle:
-        json.dump({n: {"accuracy": r["accuracy"], "seconds": r["seconds"], "losses": r["losses_first_last"]}
-                   for n, r in results.items()}, handle, indent=2)
+        json.dump(results, handle, indent=2)
     return 0
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """One row per (evaluation, task): correct/total, accuracy, its 95% interval, the binomial p-value."""
+    lines = [f"{'evaluation':<26} {'task':<9} {'right':>9} {'acc':>6} {'95% interval':>15} {'p vs chance':>12}"]
+    for name, accuracy in results.items():
+        for task in sorted(accuracy, key=lambda t: (t == "all", t)):
+            a = accuracy[task]
+            lo, hi = a["ci95"]
+            lines.append(f"{name:<26} {task:<9} {a['correct']:>4}/{a['total']:<4} {a['accuracy']:>6.3f} "
+                         f"{f'[{lo:.3f}, {hi:.3f}]':>15} {a['p_value']:>12.2e}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,22 @@ Every image shows ``count`` (1-4) shapes of one ``colour`` and one ``kind`` on b
 four quadrants (its ``position``). Every clip shows one shape crossing the frame in one ``direction``. Because the
 generator knows what it drew, it writes the captions (stage 2), the conversations (stage 3) and held-out questions
 with their candidate answers - colour, count, position, direction of motion - for measuring accuracy by scoring
-the candidates (:mod:`arlow.finetune.scoring`). Chance is 1/4 on every question type; answers are balanced.
+the candidates (:mod:`arlow.finetune.scoring`). Chance is 1/4 on every question type; held-out answers are balanced.
 
-With ``blank=True`` every image and clip is a flat grey frame while all texts stay the same: the control in which
-a model can only learn the answer priors and must stay at chance.
+The held-out media come from their own random stream (seeded by ``seed`` alone), so they are the same whatever the
+training sizes or ``shuffle_answers`` are. With ``shuffle_answers=True`` every training image and clip is paired
+with the texts (captions, answers) of another training sample of its kind: the control in which media and answers
+carry no information about each other, so that nothing a model learns can lift it above chance on correctly paired
+held-out questions.
 
 Layout written by :func:`write_shapes_dataset`::
 
-    root/images/{train,eval}/NNNNN.png     112 x 112 (``image_size``)
+    root/images/{train,eval,eval-single}/NNNNN.png   112 x 112 (``image_size``)
     root/clips/{train,eval}/NNNNN.mp4      8 frames of 112 x 112 at 4 fps (``clip_size``, ``clip_frames``, ``clip_fps``)
     root/captions.jsonl                    {"image"|"video": path, "caption": ...}            (arlow align)
     root/chat.jsonl                        {"messages": [...]}                               (arlow sft)
     root/eval.jsonl                        {"kind", "media", "task", "question", "choices", "answer"}
+                                           (eval_images colour + count, eval_singles position, eval_clips motion)
 """
 
 from __future__ import annotations
@@ -45,7 +49,6 @@ CHOICES = {"colour": tuple(COLOURS), "count": COUNTS, "position": POSITIONS, "mo
 # Processor settings that keep the generated sizes as they are (112 px: 16 tokens per image and per temporal patch
 # of a clip) and sample the clips' 8 frames.
 MEDIA_SETTINGS = {"min_pixels": 56 * 56, "max_pixels": 112 * 112, "fps": 4.0, "max_frames": 8}
-_BLANK = (128, 128, 128)
 
 
 @dataclass
@@ -114,12 +117,11 @@ def random_scene(rng: np.random.Generator, size: int = 112, count: int | None = 
     return Scene(colour, kind, count, [in_quadrant(q) for q in quadrants], radius, None)
 
 
-def render_scene(scene: Scene, size: int = 112, blank: bool = False) -> Image.Image:
-    image = Image.new("RGB", (size, size), _BLANK if blank else (0, 0, 0))
-    if not blank:
-        draw = ImageDraw.Draw(image)
-        for centre in scene.centres:
-            _draw(draw, scene.kind, centre, scene.radius, COLOURS[scene.colour])
+def render_scene(scene: Scene, size: int = 112) -> Image.Image:
+    image = Image.new("RGB", (size, size), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    for centre in scene.centres:
+        _draw(draw, scene.kind, centre, scene.radius, COLOURS[scene.colour])
     return image
 
 
@@ -137,16 +139,15 @@ def random_motion(rng: np.random.Generator, size: int = 112, direction: str | No
     return Motion(colour, kind, direction, radius, (across, a), (across, b))
 
 
-def render_clip(motion: Motion, frames: int = 8, size: int = 112, blank: bool = False) -> np.ndarray:
+def render_clip(motion: Motion, frames: int = 8, size: int = 112) -> np.ndarray:
     """uint8 ``(frames, size, size, 3)``: the shape moves linearly from ``start`` to ``end``."""
     out = []
     for i in range(frames):
         f = i / max(frames - 1, 1)
         centre = (motion.start[0] + f * (motion.end[0] - motion.start[0]),
                   motion.start[1] + f * (motion.end[1] - motion.start[1]))
-        image = Image.new("RGB", (size, size), _BLANK if blank else (0, 0, 0))
-        if not blank:
-            _draw(ImageDraw.Draw(image), motion.kind, centre, motion.radius, COLOURS[motion.colour])
+        image = Image.new("RGB", (size, size), (0, 0, 0))
+        _draw(ImageDraw.Draw(image), motion.kind, centre, motion.radius, COLOURS[motion.colour])
         out.append(np.asarray(image))
     return np.stack(out)
 
@@ -196,49 +197,61 @@ def _balanced(rng: np.random.Generator, n: int, options) -> list:
     return [values[i] for i in rng.permutation(n)]
 
 
-def write_shapes_dataset(root: str | Path, *, train_images: int = 400, train_clips: int = 200, eval_images: int = 80,
-                         eval_clips: int = 40, image_size: int = 112, clip_size: int = 112, clip_frames: int = 8,
-                         clip_fps: float = 4.0, text_only_fraction: float = 0.05, pair_fraction: float = 0.1,
-                         single_fraction: float = 0.4, seed: int = 0, blank: bool = False) -> dict[str, Path]:
+def _derangement(rng: np.random.Generator, n: int) -> list[int]:
+    """A random permutation of ``range(n)`` moving every index (``n >= 2``): sample ``i`` takes ``j != i``'s texts."""
+    shift = rng.permutation(n)
+    # a random cycle through all n indices: each one points at the next, so none stays in place
+    out = [0] * n
+    for a, b in zip(shift, np.roll(shift, -1)):
+        out[int(a)] = int(b)
+    return out
+
+
+def write_shapes_dataset(root: str | Path, *, train_images: int = 400, train_clips: int = 200, eval_images: int = 100,
+                         eval_singles: int = 100, eval_clips: int = 100, image_size: int = 112,
+                         clip_size: int = 112, clip_frames: int = 8, clip_fps: float = 4.0,
+                         text_only_fraction: float = 0.05, pair_fraction: float = 0.1, single_fraction: float = 0.5,
+                         seed: int = 0, shuffle_answers: bool = False) -> dict[str, Path]:
     """Write the demonstration data set (see the module docstring); returns the paths of its parts.
 
     ``pair_fraction`` of the training conversations show two images at once (questions about the first or the
     second), ``text_only_fraction`` have no media at all: the chat data exercises multi-image and text-only
     conversations as well as multi-turn ones. ``single_fraction`` of the training images show one shape (the others
-    2-4 in equal parts); the held-out images have every count equally often. Deterministic in ``seed``.
+    2-4 in equal parts). Held out: ``eval_images`` images with every count and colour equally often (one colour and
+    one count question each), ``eval_singles`` single-shape images with every quadrant equally often (a position
+    question each) and ``eval_clips`` clips with every direction equally often (a motion question each).
+    Deterministic in ``seed``; the held-out part depends on ``seed`` and the eval sizes only.
     """
+    if shuffle_answers and (train_images < 2 or train_clips < 2):
+        raise ValueError("shuffle_answers needs at least 2 training images and 2 training clips to shuffle between")
     root = Path(root)
     rng = np.random.default_rng(seed)
-    for sub in ("images/train", "images/eval", "clips/train", "clips/eval"):
+    held_out_rng = np.random.default_rng([seed, 1])  # its own stream: the same held-out set for every variant
+    for sub in ("images/train", "images/eval", "images/eval-single", "clips/train", "clips/eval"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     captions, chats, evals = [], [], []
 
-    def image_set(split: str, n: int) -> list[tuple[str, Scene]]:
-        if split == "train":  # more single shapes: only they carry position questions
-            n_single = int(round(single_fraction * n))
-            counts = [1] * n_single + _balanced(rng, n - n_single, [2, 3, 4])
-            counts = [counts[i] for i in rng.permutation(n)]
-        else:  # held out: every answer equally often
-            counts = _balanced(rng, n, [1, 2, 3, 4])
+    def image_set(rng: np.random.Generator, folder: str, counts: list[int]) -> list[tuple[str, Scene]]:
+        n = len(counts)
         colours = _balanced(rng, n, list(COLOURS))
-        out = []
         singles = [i for i in range(n) if counts[i] == 1]
         positions = dict(zip(singles, _balanced(rng, len(singles), list(POSITIONS))))
+        out = []
         for i in range(n):
             scene = random_scene(rng, image_size, counts[i], colours[i], positions.get(i))
-            path = root / "images" / split / f"{i:05d}.png"
-            render_scene(scene, image_size, blank).save(path)
+            path = root / "images" / folder / f"{i:05d}.png"
+            render_scene(scene, image_size).save(path)
             out.append((str(path.relative_to(root)), scene))
         return out
 
-    def clip_set(split: str, n: int) -> list[tuple[str, Motion]]:
+    def clip_set(rng: np.random.Generator, folder: str, n: int) -> list[tuple[str, Motion]]:
         directions = _balanced(rng, n, list(DIRECTIONS))
         colours = _balanced(rng, n, list(COLOURS))
         out = []
         for i in range(n):
             motion = random_motion(rng, clip_size, directions[i], colours[i])
-            path = root / "clips" / split / f"{i:05d}.mp4"
-            _write_clip(path, render_clip(motion, clip_frames, clip_size, blank), clip_fps)
+            path = root / "clips" / folder / f"{i:05d}.mp4"
+            _write_clip(path, render_clip(motion, clip_frames, clip_size), clip_fps)
             out.append((str(path.relative_to(root)), motion))
         return out
 
@@ -248,7 +261,15 @@ def write_shapes_dataset(root: str | Path, *, train_images: int = 400, train_cli
             tasks.append(("position", scene.position))
         return tasks
 
-    train_scenes, train_motions = image_set("train", train_images), clip_set("train", train_clips)
+    # more single shapes than 1 in 4: only they carry position questions
+    n_single = int(round(single_fraction * train_images))
+    counts = [1] * n_single + _balanced(rng, train_images - n_single, [2, 3, 4])
+    train_scenes = image_set(rng, "train", [counts[i] for i in rng.permutation(train_images)])
+    train_motions = clip_set(rng, "train", train_clips)
+    if shuffle_answers:  # media of one sample, texts of another
+        scenes, motions = [s for _, s in train_scenes], [m for _, m in train_motions]
+        train_scenes = [(path, scenes[j]) for (path, _), j in zip(train_scenes, _derangement(rng, len(scenes)))]
+        train_motions = [(path, motions[j]) for (path, _), j in zip(train_motions, _derangement(rng, len(motions)))]
     for path, scene in train_scenes:
         captions.append({"image": path, "caption": scene.caption()})
         tasks = scene_tasks(scene)
@@ -258,8 +279,8 @@ def write_shapes_dataset(root: str | Path, *, train_images: int = 400, train_cli
         chats.append({"messages": _turns(tasks, rng, "image", path)})
     for path, motion in train_motions:
         captions.append({"video": path, "caption": motion.caption()})
+        # motion alone and with colour (colour is learnt from images anyway; motion questions are the clips' job)
         chats.append({"messages": _turns([("motion", motion.direction)], rng, "video", path)})
-        chats.append({"messages": _turns([("colour", motion.colour)], rng, "video", path)})
         chats.append({"messages": _turns([("motion", motion.direction), ("colour", motion.colour)], rng, "video",
                                          path)})
     n_pairs = int(pair_fraction * len(chats))
@@ -277,16 +298,20 @@ def write_shapes_dataset(root: str | Path, *, train_images: int = 400, train_cli
     for _ in range(int(text_only_fraction * len(chats))):
         question, answer = _TEXT_ONLY[rng.integers(len(_TEXT_ONLY))]
         chats.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
-
-    for path, scene in image_set("eval", eval_images):
-        for task, answer in scene_tasks(scene):
-            evals.append({"kind": "image", "media": path, "task": task, "question": QUESTIONS[task],
-                          "choices": list(CHOICES[task]), "answer": answer})
-    for path, motion in clip_set("eval", eval_clips):
-        evals.append({"kind": "video", "media": path, "task": "motion", "question": QUESTIONS["motion"],
-                      "choices": list(DIRECTIONS), "answer": motion.direction})
-
     order = rng.permutation(len(chats))
+
+    def ask(kind: str, path: str, task: str, answer: str) -> None:
+        evals.append({"kind": kind, "media": path, "task": task, "question": QUESTIONS[task],
+                      "choices": list(CHOICES[task]), "answer": answer})
+
+    for path, scene in image_set(held_out_rng, "eval", _balanced(held_out_rng, eval_images, [1, 2, 3, 4])):
+        ask("image", path, "colour", scene.colour)
+        ask("image", path, "count", COUNTS[scene.count - 1])
+    for path, scene in image_set(held_out_rng, "eval-single", [1] * eval_singles):
+        ask("image", path, "position", scene.position)
+    for path, motion in clip_set(held_out_rng, "eval", eval_clips):
+        ask("video", path, "motion", motion.direction)
+
     paths = {"root": root, "captions": root / "captions.jsonl", "chat": root / "chat.jsonl",
              "eval": root / "eval.jsonl", "train_images": root / "images" / "train",
              "train_clips": root / "clips" / "train"}
@@ -295,10 +320,10 @@ def write_shapes_dataset(root: str | Path, *, train_images: int = 400, train_cli
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
     (root / "shapes.json").write_text(json.dumps({
-        "seed": seed, "blank": blank, "train_images": train_images, "train_clips": train_clips,
-        "eval_images": eval_images, "eval_clips": eval_clips, "image_size": image_size, "clip_size": clip_size,
-        "clip_frames": clip_frames, "clip_fps": clip_fps, "captions": len(captions), "conversations": len(chats),
-        "eval_questions": len(evals)}, indent=2) + "\n")
+        "seed": seed, "shuffle_answers": shuffle_answers, "train_images": train_images, "train_clips": train_clips,
+        "eval_images": eval_images, "eval_singles": eval_singles, "eval_clips": eval_clips, "image_size": image_size,
+        "clip_size": clip_size, "clip_frames": clip_frames, "clip_fps": clip_fps, "captions": len(captions),
+        "conversations": len(chats), "eval_questions": len(evals)}, indent=2) + "\n")
     return paths
 
 

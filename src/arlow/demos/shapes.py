@@ -1,17 +1,22 @@
 """The end-to-end demonstration: MAE pretraining -> alignment -> instruction tuning of a tiny VLM on generated
-shapes, then accuracy on held-out images and clips, against the same pipeline trained and tested on blanked media.
+shapes, then accuracy on held-out images and clips, with two controls that fail when the media carry no answer:
+the same pipeline trained on media shuffled against their answers, and the trained model asked each held-out
+question about another sample's media.
 
 Every stage is the real command's code path (``arlow pretrain``, ``arlow create-model``, ``arlow align``,
 ``arlow sft`` as Python calls, with the recipes in ``arlow/configs/finetune/shapes_*.yaml``):
 
 1. :func:`~arlow.data.shapes.write_shapes_dataset` writes images, clips, captions, conversations and held-out
-   questions (``blank=True``: the same texts over flat grey media).
+   questions (``shuffle_answers=True``: every training medium paired with another sample's texts).
 2. ``arlow pretrain`` trains a tiny encoder (width 64, 4 blocks) with MAE on the generated images and clips.
 3. A random tiny ``ArlowForCausalLM`` (width 64, 2 layers, 2 heads, the built-in 8,192-token tokenizer; see
    :func:`write_text_model`) is assembled with the exported encoder by ``arlow create-model``'s code; the processor is
    set to keep the generated sizes.
 4. ``arlow align`` trains on captions, ``arlow sft`` on conversations.
-5. :func:`~arlow.finetune.scoring.accuracy_by_task` scores the candidate answers of every held-out question.
+5. :func:`evaluate` scores the candidate answers of every held-out question
+   (:func:`~arlow.finetune.scoring.accuracy_by_task`) and judges each accuracy against chance
+   (:func:`~arlow.evaluation.binomial.judge`: 95% interval, exact one-sided binomial test); ``mismatch=True`` asks
+   every question about another held-out sample's media of the same kind.
 
 ``scripts/demo_shapes_pipeline.py`` runs it from the command line; ``tests/test_finetune_e2e.py`` runs a short
 version.
@@ -20,6 +25,7 @@ version.
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -30,6 +36,7 @@ import torch
 from ..assemble import create_model
 from ..configuration import ArlowTextConfig
 from ..data.shapes import MEDIA_SETTINGS, eval_items, write_shapes_dataset
+from ..evaluation.binomial import judge
 from ..finetune.scoring import accuracy_by_task
 from ..finetune.stage import finetune, load_recipe, model_folder
 from ..modeling.multimodal import ArlowForConditionalGeneration
@@ -38,7 +45,7 @@ from ..pretrain.run import load_recipe as load_pretrain_recipe, pretrain
 from ..processing import ArlowImageProcessor, ArlowProcessor, ArlowVideoProcessor, load_default_tokenizer
 from ..training.logs import read_log
 
-__all__ = ["DemoSettings", "SHORT", "FULL", "run_pipeline", "configure_processor", "evaluate"]
+__all__ = ["DemoSettings", "SHORT", "FULL", "run_pipeline", "configure_processor", "evaluate", "mismatched"]
 
 
 @dataclass
@@ -47,8 +54,9 @@ class DemoSettings:
 
     train_images: int = 600
     train_clips: int = 600  # 200 clips left motion at chance after 1,500 steps; 600 reach 0.57 (docs/finetuning.md)
-    eval_images: int = 120
-    eval_clips: int = 40
+    eval_images: int = 100  # a colour and a count question each
+    eval_singles: int = 100  # a position question each
+    eval_clips: int = 100  # a motion question each
     pretrain_steps: int = 150
     align_steps: int = 150
     sft_steps: int = 1500
@@ -60,8 +68,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-SHORT = DemoSettings(train_images=160, train_clips=160, eval_images=48, eval_clips=24, pretrain_steps=20,
-                     align_steps=30, sft_steps=1000)
+SHORT = DemoSettings(train_images=320, train_clips=320, pretrain_steps=20, align_steps=30, sft_steps=1000)
 
 
 def _recipe(name: str) -> str:
@@ -109,16 +116,40 @@ def write_text_model(folder: str | Path, settings: DemoSettings) -> Path:
     return Path(folder)
 
 
-def evaluate(model_dir: str | Path, eval_file: str | Path) -> dict:
-    """Accuracy per task of the model folder (or run folder) on the held-out questions of ``eval_file``."""
+def mismatched(items: list[dict], seed: int = 0) -> list[dict]:
+    """The held-out questions with every item's media swapped for another item's of the same task (a random cycle
+    through each task's items, so none keeps its own): the answer no longer belongs to the media shown."""
+    rng = random.Random(seed)
+    out = [dict(item) for item in items]
+    for task in {item["task"] for item in items}:
+        members = [i for i, item in enumerate(items) if item["task"] == task]
+        if len(members) < 2:
+            raise ValueError(f"cannot mismatch the media of task {task!r}: it has {len(members)} question(s)")
+        cycle = rng.sample(members, len(members))
+        for a, b in zip(cycle, cycle[1:] + cycle[:1]):
+            out[a]["media"], out[a]["kind"] = items[b]["media"], items[b]["kind"]
+    return out
+
+
+def evaluate(model_dir: str | Path, eval_file: str | Path, mismatch: bool = False) -> dict:
+    """Accuracy per task of the model folder (or run folder) on the held-out questions of ``eval_file`` (with
+    ``mismatch``: about another sample's media, :func:`mismatched`), each judged against chance:
+    ``{task: {"correct", "total", "chance", "accuracy", "ci95", "p_value", "chance_range99"}}``."""
+
     folder = model_folder(model_dir)
     model = ArlowForConditionalGeneration.from_pretrained(str(folder))
     processor = ArlowProcessor.from_pretrained(str(folder))
-    return accuracy_by_task(model, processor, eval_items(eval_file))
+    items = eval_items(eval_file)
+    accuracy = accuracy_by_task(model, processor, mismatched(items) if mismatch else items)
+    return {task: {**a, **judge(a["correct"], a["total"], a["chance"])} for task, a in accuracy.items()}
 
 
-def run_pipeline(root: str | Path, settings: DemoSettings = FULL, blank: bool = False, log=print) -> dict:
-    """Run the whole demonstration under ``root`` (data, every stage's run folder, ``results.json``)."""
+def run_pipeline(root: str | Path, settings: DemoSettings = FULL, shuffle_answers: bool = False, log=print) -> dict:
+    """Run the whole demonstration under ``root`` (data, every stage's run folder, ``results.json``).
+
+    ``shuffle_answers``: train on media paired with other samples' texts (the control pipeline). The results hold
+    ``accuracy`` on the held-out questions and ``mismatched`` (:func:`evaluate` with ``mismatch=True``)."""
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     extra = settings.overrides
@@ -128,12 +159,13 @@ def run_pipeline(root: str | Path, settings: DemoSettings = FULL, blank: bool = 
         start = time.perf_counter()
         out = fn()
         timings[name] = round(time.perf_counter() - start, 1)
-        log(f"[demo{' blank' if blank else ''}] {name}: {timings[name]} s")
+        log(f"[demo{' shuffled' if shuffle_answers else ''}] {name}: {timings[name]} s")
         return out
 
     paths = stage("data", lambda: write_shapes_dataset(
         root / "data", train_images=settings.train_images, train_clips=settings.train_clips,
-        eval_images=settings.eval_images, eval_clips=settings.eval_clips, seed=settings.seed, blank=blank))
+        eval_images=settings.eval_images, eval_singles=settings.eval_singles, eval_clips=settings.eval_clips,
+        seed=settings.seed, shuffle_answers=shuffle_answers))
 
     def first_last(run: Path) -> tuple[float, float]:
         records = [r for r in read_log(run / "log.jsonl") if r.get("loss") is not None]
@@ -168,7 +200,8 @@ def run_pipeline(root: str | Path, settings: DemoSettings = FULL, blank: bool = 
         previous = run
 
     accuracy = stage("evaluate", lambda: evaluate(root / "sft", paths["eval"]))
-    results = {"blank": blank, "settings": asdict(settings), "accuracy": accuracy, "losses_first_last": losses,
-               "seconds": timings}
+    mismatch = stage("evaluate mismatched", lambda: evaluate(root / "sft", paths["eval"], mismatch=True))
+    results = {"shuffle_answers": shuffle_answers, "settings": asdict(settings), "accuracy": accuracy,
+               "mismatched": mismatch, "losses_first_last": losses, "seconds": timings}
     (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
