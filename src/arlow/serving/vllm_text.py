@@ -190,14 +190,16 @@ def load_arlow_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Ten
 class ArlowForCausalLM(nn.Module):
     """vLLM model for ``ArlowForCausalLM`` checkpoints: :class:`ArlowDecoder` (``model.*``) + ``lm_head``."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", tie_word_embeddings: bool | None = None):
+        """``tie_word_embeddings`` overrides the text config's (a VLM ties by its top-level config)."""
         super().__init__()
         config = vllm_config.model_config.hf_config.get_text_config()
         self.config = config
+        self.tied = config.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
         self.model = ArlowDecoder(config, vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
                                       prefix=maybe_prefix(prefix, "lm_head"))
-        if config.tie_word_embeddings:
+        if self.tied:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
@@ -214,5 +216,5 @@ class ArlowForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # A tied head has no tensor of its own (it is the embedding).
-        skip = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        skip = {"lm_head.weight"} if self.tied else set()
         return load_arlow_weights(self, weights, skip=skip)
