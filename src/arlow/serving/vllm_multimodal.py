@@ -47,6 +47,7 @@ from ..configuration import ArlowConfig
 from ..modeling.rope import get_rope_index
 from ..modeling.vision import ArlowVLVisionModel
 from ..processing import ArlowProcessor
+from ..processing.video import ASSUMED_FPS
 from .vllm_text import ArlowForCausalLM, load_arlow_weights
 
 __all__ = ["ArlowProcessingInfo", "ArlowDummyInputsBuilder", "ArlowMultiModalProcessor",
@@ -124,11 +125,14 @@ class ArlowDummyInputsBuilder(BaseDummyInputsBuilder[ArlowProcessingInfo]):
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options) -> dict:
         width, height = self.info.largest_image()
         frames, v_width, v_height = self.info.largest_video()
+        # At the rate the processor samples by (if it does), every dummy frame is kept.
+        rate = float(self.info.get_hf_processor().video_processor.fps or ASSUMED_FPS)
         return {
             "image": self._get_dummy_images(width=width, height=height, num_images=mm_counts.get("image", 0),
                                             overrides=mm_options.get("image")),
-            "video": self._get_dummy_videos(width=v_width, height=v_height, num_frames=frames,
-                                            num_videos=mm_counts.get("video", 0), overrides=mm_options.get("video")),
+            "video": [(video, {"fps": rate}) for video in self._get_dummy_videos(
+                width=v_width, height=v_height, num_frames=frames, num_videos=mm_counts.get("video", 0),
+                overrides=mm_options.get("video"))],
         }
 
 
