@@ -402,3 +402,9 @@ class ArlowConfig(PreTrainedConfig):
             )
         if self.tokens_per_second is not None and self.tokens_per_second <= 0:
             raise ValueError("tokens_per_second must be positive or None")
+
+    @property
+    def mrope_section(self) -> list[int]:
+        """The text decoder's M-RoPE split in rotary frequencies (``mrope_sections / 2``), under the name serving
+        engines look for: vLLM gives a model 3-D (t, h, w) positions when its top-level config has this key."""
+        return [s // 2 for s in self.text_config.mrope_sections]
