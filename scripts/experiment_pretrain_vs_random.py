@@ -155,8 +155,8 @@ def extra_probes(run_dir: Path, resolution: int, final: int, root: Path = ROOT, 
     jobs = {f"random init seed {s}": dict(random_init=recipe, init_seed=s) for s in (1, 2)}
     jobs.update({f"pretrained, probe seed {s}": dict(encoder=final_dir, linear=LinearProbeConfig(seed=s))
                  for s in (1, 2)})
-    jobs["random init seed 0, deepstack"] = dict(random_init=recipe, init_seed=seed, deepstack=True)
-    jobs["pretrained, deepstack"] = dict(encoder=final_dir, deepstack=True)
+    jobs["random init seed 0, deepstack"] = dict(random_init=recipe, init_seed=seed, feature="deepstack")
+    jobs["pretrained, deepstack"] = dict(encoder=final_dir, feature="deepstack")
     for name, kwargs in jobs.items():
         if name in results:
             continue

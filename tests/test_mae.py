@@ -168,3 +168,29 @@ def test_decoder_rotary_stays_fp32_under_bf16_cast():
     exact = q.double() * ref_cos + torch.cat([-half[0], half[1]], -1) * ref_sin
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.double(), exact, rtol=2**-8, atol=1e-6)
+
+
+def test_deepstack_dropout_trains_every_parameter_and_evaluation_reads_every_level():
+    pv, grid = batch()
+    noise = torch.rand(int(windows_per_slice(grid, 2).sum()), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    half = ArlowMAEForPreTraining(tiny_config(decoder_deepstack_dropout=0.5))
+    plain = ArlowMAEForPreTraining(tiny_config())
+    plain.load_state_dict(half.state_dict())
+    # evaluation: no window is dropped, so the prediction is the p = 0 model's
+    half.eval(), plain.eval()
+    torch.testing.assert_close(half(pv, grid, noise=noise).pred, plain(pv, grid, noise=noise).pred)
+    # training: some windows read the final token alone; every parameter still gets gradient
+    half.train()
+    torch.manual_seed(3)
+    for _ in range(4):  # a few visible windows each: over four draws some keep their levels, some do not
+        half(pv, grid, noise=noise).loss.backward()
+    assert [n for n, p in half.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+    # p = 1: the decoder never reads the levels, so their projections and mergers get no gradient
+    never = ArlowMAEForPreTraining(tiny_config(decoder_deepstack_dropout=1.0)).train()
+    never(pv, grid, noise=noise).loss.backward()
+    idle = {n.split(".")[0] + "." + n.split(".")[1] for n, p in never.named_parameters() if p.grad is None}
+    assert idle == {"decoder_deepstack_embed.0", "decoder_deepstack_embed.1", "decoder_deepstack_embed.2",
+                    "encoder.deepstack_mergers"}
+    with pytest.raises(ValueError, match="decoder_deepstack_dropout"):
+        tiny_config(decoder_deepstack_dropout=1.5)

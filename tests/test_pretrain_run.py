@@ -50,6 +50,15 @@ def test_run_writes_checkpoints_exports_and_reconstructions(demo_run):
                      "video_processor", "processor_config.json", "mae_decoder/decoder.safetensors", "README.md",
                      "reconstructions.png"):
             assert (ckpt / name).exists(), name
+    # every grid is kept beside the checkpoints, and the run ends with the first beside the last
+    from PIL import Image
+
+    grids = [Image.open(demo_run / f"reconstructions-step-{step}.png") for step in (2, 4)]
+    both = Image.open(demo_run / "reconstructions_first_vs_last.png")
+    assert both.width == grids[0].width + 12 + grids[1].width and both.height == 16 + grids[0].height
+    assert both.crop((0, 16, grids[0].width, both.height)).tobytes() == grids[0].convert("RGB").tobytes()
+    right = both.crop((grids[0].width + 12, 16, both.width, both.height))
+    assert right.tobytes() == grids[1].convert("RGB").tobytes()
 
 
 def test_export_loads_with_identical_outputs(demo_run):

@@ -152,11 +152,11 @@ def test_batched_rows_equal_one_image_at_a_time():
 def test_exported_encoder_and_checkpoint_load_with_identical_features(exported, folder):
     model, checkpoint = exported
     data = labelled_images(folder)
-    ref = extract_features(model, data, RES, batch_size=5, deepstack=True, progress=False)
+    ref = extract_features(model, data, RES, batch_size=5, feature="deepstack", progress=False)
     for path in (checkpoint, checkpoint / "vision_encoder"):
         loaded, where = load_encoder(path)
         assert where.endswith("vision_encoder")
-        feats = extract_features(loaded, data, RES, batch_size=16, deepstack=True, progress=False)
+        feats = extract_features(loaded, data, RES, batch_size=16, feature="deepstack", progress=False)
         torch.testing.assert_close(feats.features, ref.features, rtol=1e-5, atol=1e-6)
     assert ref.features.shape == (16, 2 * TINY["hidden_size"])  # merged mean + one DeepStack level
     # the first half of the deepstack feature is the plain feature
@@ -281,3 +281,79 @@ def test_errors_one_class_empty_and_unreadable(config_json, tmp_path):
         labelled_images(flat)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         probe_encoder(random_init=str(config_json), dataset=one.parent.parent / "bad", resolution=50, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# effective rank, pooled features, fine-tuning
+
+
+def test_effective_rank_counts_equal_directions_and_weights_unequal_ones():
+    from arlow.evaluation import effective_rank
+
+    g = torch.Generator().manual_seed(0)
+    n, dim = 40, 12
+    # k orthonormal, centred item directions times k orthonormal feature directions: singular values all 1
+    centred = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    left = torch.linalg.qr(centred - centred.mean(dim=0))[0]
+    right = torch.linalg.qr(torch.randn(dim, 5, generator=g, dtype=torch.float64))[0].T
+    offset = torch.randn(1, dim, generator=g, dtype=torch.float64) * 10  # a shared mean does not count
+    for k in (1, 3, 5):
+        assert effective_rank(left[:, :k] @ right[:k] + offset) == pytest.approx(k, rel=1e-9)
+    # singular values (3, 1): p = (0.75, 0.25), exp(entropy) computed by hand
+    expected = float(np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))))
+    x = left[:, :2] @ torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)) @ right[:2]
+    assert effective_rank(x) == pytest.approx(expected, rel=1e-9)
+    assert effective_rank(torch.ones(4, 3)) == 1.0
+    with pytest.raises(ValueError, match="n >= 2"):
+        effective_rank(torch.ones(1, 3))
+
+
+def test_pooled_features_of_pixels_match_extract_features_and_blocks_reads_the_last_block(exported, folder):
+    from arlow.evaluation.features import image_pixels, pooled_features
+
+    model = exported[0]
+    data = labelled_images(folder)
+    pixels = image_pixels(data, RES)
+    with torch.no_grad():
+        for feature in ("merged", "deepstack", "blocks"):
+            ref = extract_features(model, data, RES, feature=feature, progress=False).features
+            torch.testing.assert_close(pooled_features(model, pixels, feature), ref, rtol=1e-5, atol=1e-6)
+        rows, grid = batch_rows([data.source.load(int(i)) for i in data.indices[:2]], model.config, RES)
+        last = model(rows, grid, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(pooled_features(model, pixels[:2], "blocks"),
+                                   last.view(2, -1, last.shape[-1]).mean(dim=1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="feature must be one of"):
+        extract_features(model, data, RES, feature="cls", progress=False)
+
+
+def test_finetune_learns_bars_leaves_the_encoder_alone_and_is_seeded(exported, folder):
+    from arlow.evaluation import FinetuneConfig, finetune_accuracy
+    from arlow.evaluation.features import image_pixels
+
+    model = exported[0]
+    data = labelled_images(folder)
+    x = image_pixels(data, RES)
+    y = torch.tensor([0 if n == "horizontal" else 1 for n in data.names])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = FinetuneConfig(epochs=15, batch_size=8, learning_rate=2e-3, seed=3)
+    first = finetune_accuracy(model, x, y, x, y, 2, config)
+    again = finetune_accuracy(model, x, y, x, y, 2, config)
+    assert first["train_top1"] == 1.0 and first["top1"] == again["top1"] == 1.0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # trained a copy
+    with pytest.raises(ValueError, match="labels must lie"):
+        finetune_accuracy(model, x, y + 1, x, y, 2, config)
+
+
+def test_cli_reports_feature_rank_and_finetuning(folder, config_json, tmp_path, capsys):
+    from arlow.evaluation import effective_rank
+
+    code, result, stdout = run_probe(["--random-init", str(config_json), "--dataset", str(folder), "--test-fraction",
+                                      "0.5", "--feature", "blocks", "--finetune", "--finetune-epochs", "2"],
+                                     tmp_path, capsys)
+    assert code == 0 and result["feature"] == "blocks" and result["feature_dim"] == TINY["embed_dim"]
+    model, _ = random_encoder(config_json, seed=0)
+    test = labelled_images(folder).select(stratified_split(labelled_images(folder).names, 0.5, 0)[1])
+    feats = extract_features(model, test, RES, feature="blocks", progress=False).features
+    assert result["feature_rank"] == pytest.approx(effective_rank(feats), rel=1e-6)
+    assert f"(effective rank {result['feature_rank']:.1f})" in stdout and "fine-tuned top-1" in stdout
+    assert result["finetune"]["epochs"] == 2 and 0.0 <= result["finetune"]["top1"] <= 1.0

@@ -92,15 +92,22 @@ def _probe(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--resolution", type=int, default=224, help="square side in pixels, a multiple of 28")
     data.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--deepstack", action="store_true",
-                            help="append the DeepStack levels' mean tokens to the feature")
+    evaluation.add_argument("--feature", choices=("merged", "deepstack", "blocks"), default="merged",
+                            help="pooled feature: merged (mean merged output token, the default), deepstack (that "
+                                 "and each DeepStack level's mean), blocks (mean of the last block, before the merger)")
+    evaluation.add_argument("--deepstack", action="store_true", help="the same as --feature deepstack")
     evaluation.add_argument("--k", type=int, default=20, help="k-NN neighbours")
     evaluation.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature")
     evaluation.add_argument("--epochs", type=int, default=None, help="linear probe epochs (default: 50)")
     evaluation.add_argument("--lr", type=float, default=None, help="linear probe peak lr (default: 0.1)")
     evaluation.add_argument("--probe-batch-size", type=int, default=None,
                             help="linear probe mini-batch (default: 256)")
-    evaluation.add_argument("--seed", type=int, default=0, help="seeds the split and the linear probe")
+    evaluation.add_argument("--seed", type=int, default=0, help="seeds the split, the linear probe and fine-tuning")
+    tuning = parser.add_argument_group("fine-tuning (the encoder + a LayerNorm + Linear head trained end to end)")
+    tuning.add_argument("--finetune", action="store_true", help="also run the fine-tuning protocol")
+    tuning.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: 10)")
+    tuning.add_argument("--finetune-lr", type=float, default=None, help="peak AdamW lr (default: 5e-4)")
+    tuning.add_argument("--finetune-batch-size", type=int, default=None, help="mini-batch (default: 64)")
     parser.add_argument("--output", default="probe_results.json", help="JSON result file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=None,

@@ -4,8 +4,7 @@ sees (:func:`extract_features`).
 An image is shown to the encoder exactly as the pretraining pipeline shows an un-augmented image: the largest
 centred square, resized (bicubic) to ``resolution x resolution``, rescaled to [0, 1], normalised with the image
 processor's mean/std (0.5 / 0.5), repeated to the temporal patch size and patchified in merge-window order. Its
-feature is the mean of its merged output tokens ``(hidden_size,)``; with ``deepstack=True`` the means of the
-DeepStack levels are appended, ``(hidden_size * (1 + levels),)``.
+feature is one of :data:`FEATURES` (:func:`pooled_features`); the default is the mean of its merged output tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +26,11 @@ from ..pretrain.run import build_model, load_recipe
 from ..processing.patches import pad_frames, patchify
 from .datasets import LabelledImages
 
-__all__ = ["load_encoder", "random_encoder", "image_rows", "batch_rows", "extract_features", "Features"]
+__all__ = ["load_encoder", "random_encoder", "image_rows", "batch_rows", "pixel_rows", "pooled_features", "image_pixels",
+           "extract_features", "Features", "FEATURES", "DEFAULT_FEATURE"]
+
+FEATURES = ("merged", "deepstack", "blocks")
+DEFAULT_FEATURE = "merged"
 
 logger = logging.getLogger("arlow.evaluation")
 
@@ -103,18 +106,62 @@ def image_rows(image, config: ArlowVisionConfig, resolution: int) -> tuple[torch
 
 def batch_rows(images, config: ArlowVisionConfig, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Many RGB PIL images -> ``(rows (n*h*w, C*Tp*P*P), grid_thw (n, 3))``, equal to concatenating
-    :func:`image_rows` of each image, with a handful of tensor operations for the whole batch.
-
-    Why it is equal: patch rows are ordered time-major, so patchifying the clip of ``n * Tp`` frames in which each
-    image is repeated ``Tp`` times yields the images' rows one after the other (temporal patch ``i`` = image ``i``).
-    """
+    :func:`image_rows` of each image, with a handful of tensor operations for the whole batch."""
     mean, std = image_normalisation()
     frames = [crop_frames([image], center_crop_box(*image.size), resolution, flip=False)[0] for image in images]
-    pixels = frames_to_tensor(frames, mean, std)  # (n, 3, R, R)
+    return pixel_rows(frames_to_tensor(frames, mean, std), config)
+
+
+def pixel_rows(pixels: torch.Tensor, config: ArlowVisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images ``(n, 3, R, R)`` -> ``(rows (n*h*w, C*Tp*P*P), grid_thw (n, 3))``.
+
+    Why one patchify call is enough: patch rows are ordered time-major, so patchifying the clip of ``n * Tp`` frames
+    in which each image is repeated ``Tp`` times yields the images' rows one after the other (temporal patch
+    ``i`` = image ``i``).
+    """
+    if pixels.dim() != 4:
+        raise ValueError(f"pixels must be (n, C, H, W), got {tuple(pixels.shape)}")
     tp = config.temporal_patch_size
     rows, grid = patchify(pixels.repeat_interleave(tp, dim=0), config.patch_size, tp, config.spatial_merge_size)
-    grid_thw = torch.tensor([[1, int(grid[1]), int(grid[2])]] * len(frames), dtype=torch.long)
+    grid_thw = torch.tensor([[1, int(grid[1]), int(grid[2])]] * pixels.shape[0], dtype=torch.long)
     return rows, grid_thw
+
+
+def pooled_features(encoder: ArlowVLVisionModel, pixels: torch.Tensor, feature: str = DEFAULT_FEATURE) -> torch.Tensor:
+    """Normalised images ``(n, 3, R, R)`` -> one feature per image ``(n, D)`` (differentiable; see :data:`FEATURES`).
+
+    ``"merged"``: mean of the merged output tokens ``(hidden_size,)``; ``"deepstack"``: that, then the mean of
+    each DeepStack level ``(hidden_size * (1 + levels),)``; ``"blocks"``: the mean over patches of the last
+    block's output, before the merger ``(embed_dim,)``.
+    """
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+    config = encoder.config
+    if feature == "deepstack" and not config.deepstack_visual_indexes:
+        raise ValueError("feature 'deepstack' but this encoder has no DeepStack levels (deepstack_visual_indexes "
+                         "is empty); use 'merged' or 'blocks'")
+    n = pixels.shape[0]
+    rows, grids = pixel_rows(pixels, config)
+    param = next(encoder.parameters())
+    out = encoder(pixel_values=rows.to(device=param.device, dtype=encoder.get_dtype()), grid_thw=grids,
+                  output_hidden_states=feature == "blocks")
+    if feature == "blocks":
+        levels = [out.hidden_states[-1]]
+    else:
+        levels = [out.last_hidden_state] + (list(out.deepstack_features) if feature == "deepstack" else [])
+    # every image has the same grid, so its tokens are one contiguous, equal-length run
+    return torch.cat([level.float().view(n, -1, level.shape[-1]).mean(dim=1) for level in levels], dim=1)
+
+
+def image_pixels(images: LabelledImages, resolution: int) -> torch.Tensor:
+    """Every image of ``images`` as the encoder sees it (see the module docstring): ``(n, 3, R, R)`` normalised.
+    Unreadable images raise (``extract_features`` has already skipped them when its ``kept`` selection is used)."""
+    mean, std = image_normalisation()
+    frames = []
+    for index in images.indices:
+        image = images.source.load(int(index))
+        frames.append(crop_frames([image], center_crop_box(*image.size), resolution, flip=False)[0])
+    return frames_to_tensor(frames, mean, std)
 
 
 @dataclass
@@ -137,26 +184,21 @@ def check_resolution(resolution: int, config: ArlowVisionConfig) -> None:
 
 @torch.no_grad()
 def extract_features(encoder: ArlowVLVisionModel, images: LabelledImages, resolution: int, batch_size: int = 64,
-                     deepstack: bool = False, progress: bool = True, desc: str = "features") -> Features:
-    """Mean-pooled merged tokens of every readable image (see the module docstring), ``batch_size`` images per
-    encoder call. Unreadable images are skipped, counted and logged; ``ValueError`` if none is readable."""
+                     feature: str = DEFAULT_FEATURE, progress: bool = True, desc: str = "features") -> Features:
+    """The ``feature`` (:func:`pooled_features`) of every readable image, ``batch_size`` images per encoder call.
+    Unreadable images are skipped, counted and logged; ``ValueError`` if none is readable."""
     config = encoder.config
     check_resolution(resolution, config)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if deepstack and not config.deepstack_visual_indexes:
-        raise ValueError("deepstack=True but this encoder has no DeepStack levels (deepstack_visual_indexes is empty)")
-    device = next(encoder.parameters()).device
-    dtype = encoder.get_dtype()
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
     chunks, kept, skipped, pending = [], [], [], []
 
     def flush():
-        rows, grids = batch_rows(pending, config, resolution)
-        out = encoder(pixel_values=rows.to(device=device, dtype=dtype), grid_thw=grids)
-        n = len(pending)
-        levels = [out.last_hidden_state] + (list(out.deepstack_features) if deepstack else [])
-        # every image has the same grid, so its tokens are one contiguous, equal-length run
-        chunks.append(torch.cat([level.float().view(n, -1, level.shape[-1]).mean(dim=1) for level in levels], dim=1))
+        mean, std = image_normalisation()
+        frames = [crop_frames([im], center_crop_box(*im.size), resolution, flip=False)[0] for im in pending]
+        chunks.append(pooled_features(encoder, frames_to_tensor(frames, mean, std), feature))
         pending.clear()
 
     bar = tqdm(range(len(images)), desc=desc, unit="img", disable=not progress, leave=False)

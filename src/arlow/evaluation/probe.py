@@ -4,7 +4,7 @@
 
     arlow probe runs/pretrain-demo/checkpoint-300 --dataset digits/ --resolution 112
     arlow probe --random-init tiny_demo --dataset digits/ --resolution 112        # the same architecture, untrained
-    arlow probe ENCODER --train data/train --test data/test --deepstack --output probe.json
+    arlow probe ENCODER --train data/train --test data/test --feature deepstack --output probe.json
 
 The encoder is an exported ``vision_encoder/``, a pretraining ``checkpoint-N/`` or a random initialisation of a
 config/recipe (``--random-init``). The dataset is a class-folder tree, a saved ``datasets`` folder or a CSV of
@@ -24,19 +24,22 @@ from pathlib import Path
 import torch
 
 from .datasets import class_index, labelled_images, stratified_split
-from .features import extract_features, load_encoder, random_encoder
+from .features import (DEFAULT_FEATURE, extract_features, image_pixels, load_encoder, pooled_features,
+                       random_encoder)
+from .finetune import FinetuneConfig, finetune_accuracy
 from .knn import knn_accuracy
 from .linear_probe import LinearProbeConfig, probe_accuracy, train_linear_probe
+from .rank import effective_rank
 
 __all__ = ["probe_encoder", "summary_line", "run"]
 
 
 def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: int = 0, dataset=None, train=None,
                   test=None, resolution: int = 224, test_fraction: float = 0.2, seed: int = 0,
-                  deepstack: bool = False, k: int = 20, temperature: float = 0.07,
+                  feature: str = DEFAULT_FEATURE, k: int = 20, temperature: float = 0.07,
                   linear: LinearProbeConfig | None = None, batch_size: int = 64, image_column: str = "image",
                   label_column: str = "label", split: str = "train", test_split: str = "test",
-                  output=None, progress: bool = True) -> dict:
+                  output=None, progress: bool = True, finetune: FinetuneConfig | None = None) -> dict:
     """Evaluate frozen features of an encoder; returns (and with ``output`` writes) the result dict.
 
     Args:
@@ -46,11 +49,14 @@ def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: in
         train, test: two labelled datasets instead of ``dataset`` (``split``/``test_split`` pick the splits of a
             saved ``DatasetDict``).
         resolution: square side in pixels, a multiple of ``patch_size * spatial_merge_size`` (28).
-        deepstack: append the mean of each DeepStack level to the mean merged token.
+        feature: which pooled feature (:data:`arlow.evaluation.features.FEATURES`; see docs/evaluation.md).
         k, temperature: the k-NN vote. linear: the linear probe's settings (its ``seed`` defaults to ``seed``).
         batch_size: images per encoder call during feature extraction.
+        finetune: also run the fine-tuning protocol (:func:`arlow.evaluation.finetune_accuracy`: a copy of the
+            encoder + a linear head on ``feature``, trained end to end on the training split) with these settings.
     Returns:
-        ``{"knn": {"top1", ...}, "linear": {"top1", "train_top1", ...}, "num_train", "num_test", ...}``.
+        ``{"knn": {"top1", ...}, "linear": {"top1", "train_top1", ...}, "feature_rank", "num_train", ...}``
+        (``feature_rank``: effective rank of the test features, :func:`arlow.evaluation.effective_rank`).
     """
     started = time.time()
     if (encoder is None) == (random_init is None):
@@ -77,8 +83,8 @@ def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: in
         split_note = f"given splits: train {train_set.where}, test {test_set.where}"
 
     extracted = time.time()
-    train_feats = extract_features(model, train_set, resolution, batch_size, deepstack, progress, "train features")
-    test_feats = extract_features(model, test_set, resolution, batch_size, deepstack, progress, "test features")
+    train_feats = extract_features(model, train_set, resolution, batch_size, feature, progress, "train features")
+    test_feats = extract_features(model, test_set, resolution, batch_size, feature, progress, "test features")
     extracted = time.time() - extracted
     train_set, test_set = train_set.select(train_feats.kept), test_set.select(test_feats.kept)
     classes, y_train, y_test = class_index(train_set, test_set)  # again: skipped images may remove a class
@@ -96,7 +102,8 @@ def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: in
         "num_train": len(train_set), "num_test": len(test_set), "num_classes": len(classes),
         "classes": classes[:100],
         "num_skipped": len(skipped), "skipped": [{"file": f, "reason": r} for f, r in skipped[:50]],
-        "resolution": resolution, "deepstack": deepstack, "feature_dim": int(train_feats.features.shape[1]),
+        "resolution": resolution, "feature": feature, "feature_dim": int(train_feats.features.shape[1]),
+        "feature_rank": effective_rank(test_feats.features) if len(test_set) > 1 else None,
         "knn": {"k": k, "temperature": temperature, "top1": knn_top1},
         "linear": {"epochs": linear.epochs, "batch_size": linear.batch_size, "learning_rate": linear.learning_rate,
                    "momentum": linear.momentum, "weight_decay": linear.weight_decay, "seed": linear.seed,
@@ -105,6 +112,13 @@ def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: in
         "seconds": {"features": round(extracted, 2), "linear_probe": round(fitted, 2),
                     "total": round(time.time() - started, 2)},
     }
+    if finetune is not None:
+        tuned = finetune_accuracy(model, image_pixels(train_set, resolution), y_train,
+                                  image_pixels(test_set, resolution), y_test, len(classes), finetune,
+                                  features_fn=lambda encoder, pixels: pooled_features(encoder, pixels, feature))
+        result["finetune"] = {**tuned["config"], "top1": tuned["top1"], "train_top1": tuned["train_top1"]}
+        result["seconds"]["finetune"] = tuned["seconds"]
+        result["seconds"]["total"] = round(time.time() - started, 2)
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2) + "\n")
@@ -112,11 +126,15 @@ def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: in
 
 
 def summary_line(result: dict) -> str:
-    """``probe: k-NN top-1 93.10% | linear top-1 95.20% | 4000 train / 1000 test, 10 classes, dim 256 | ENCODER``"""
+    """``probe: k-NN (k=20) top-1 93.10% | linear top-1 95.20% | 4000 train / 1000 test, 10 classes, merged dim 256
+    (effective rank 41.3) | ENCODER``"""
     skipped = f", {result['num_skipped']} skipped" if result["num_skipped"] else ""
+    rank = f" (effective rank {result['feature_rank']:.1f})" if result.get("feature_rank") is not None else ""
+    tuned = f" | fine-tuned top-1 {100 * result['finetune']['top1']:.2f}%" if "finetune" in result else ""
     return (f"probe: k-NN (k={result['knn']['k']}) top-1 {100 * result['knn']['top1']:.2f}% | linear top-1 "
-            f"{100 * result['linear']['top1']:.2f}% | {result['num_train']} train / {result['num_test']} test, "
-            f"{result['num_classes']} classes, dim {result['feature_dim']}{skipped} | {result['encoder']}")
+            f"{100 * result['linear']['top1']:.2f}%{tuned} | {result['num_train']} train / {result['num_test']} test, "
+            f"{result['num_classes']} classes, {result['feature']} dim {result['feature_dim']}{rank}{skipped} | "
+            f"{result['encoder']}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,12 +144,16 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     given = dict(epochs=args.epochs, batch_size=args.probe_batch_size, learning_rate=args.lr)
     linear = LinearProbeConfig(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
+    tuned = dict(epochs=args.finetune_epochs, learning_rate=args.finetune_lr, batch_size=args.finetune_batch_size)
     result = probe_encoder(
         args.encoder, random_init=args.random_init, init_seed=args.init_seed, dataset=args.dataset,
         train=args.train, test=args.test, resolution=args.resolution, test_fraction=args.test_fraction,
-        seed=args.seed, deepstack=args.deepstack, k=args.k, temperature=args.temperature, linear=linear,
+        seed=args.seed, feature="deepstack" if args.deepstack else args.feature, k=args.k,
+        temperature=args.temperature, linear=linear,
         batch_size=args.batch_size, image_column=args.image_column, label_column=args.label_column,
-        split=args.split, test_split=args.test_split, output=args.output, progress=not args.no_progress)
+        split=args.split, test_split=args.test_split, output=args.output, progress=not args.no_progress,
+        finetune=FinetuneConfig(**{k: v for k, v in tuned.items() if v is not None}, seed=args.seed)
+        if args.finetune else None)
     print(summary_line(result))
     print(f"results written to {args.output}")
     return 0

@@ -54,6 +54,10 @@ class ArlowMAEConfig(PreTrainedConfig):
         mask_ratio: fraction of merge windows hidden per temporal slice (0.75).
         norm_pix_loss: regress per-patch normalised pixels (MAE's best setting).
         decoder_rope_theta: rotary base of the decoder's 3-D window positions.
+        decoder_deepstack_dropout: in training, the probability that a visible window token reads only its final
+            merged token, without the DeepStack levels' ``decoder_deepstack_embed[k](level_k)`` (the kept ones are
+            scaled by ``1 / (1 - p)``, so evaluation reads every level). 0 always reads them; 1 never does (the
+            DeepStack mergers then get no gradient from pretraining).
     """
 
     model_type = "arlow_mae"
@@ -67,6 +71,7 @@ class ArlowMAEConfig(PreTrainedConfig):
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     decoder_rope_theta: float = 10000.0
+    decoder_deepstack_dropout: float = 0.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -79,6 +84,8 @@ class ArlowMAEConfig(PreTrainedConfig):
                              f"({self.decoder_num_heads}) must be an even integer (rotary head dim)")
         if self.decoder_num_layers < 1:
             raise ValueError("decoder_num_layers must be >= 1")
+        if not 0.0 <= self.decoder_deepstack_dropout <= 1.0:
+            raise ValueError(f"decoder_deepstack_dropout must be in [0, 1], got {self.decoder_deepstack_dropout}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
@@ -196,8 +203,13 @@ class ArlowMAEForPreTraining(ActivationCheckpointingCompat, PreTrainedModel):
                         mask: WindowMask) -> torch.Tensor:
         """Window tokens -> predicted patch rows ``(M, s**2, C*Tp*P*P)``."""
         vis = self.decoder_embed(latent)
-        for proj, level in zip(self.decoder_deepstack_embed, deepstack):
-            vis = vis + proj(level)
+        drop = self.config.decoder_deepstack_dropout if self.training else 0.0
+        if deepstack and drop < 1.0:
+            shortcut = sum(proj(level) for proj, level in zip(self.decoder_deepstack_embed, deepstack))
+            if drop > 0.0:  # the final merged token alone must describe a dropped window
+                keep = torch.rand(shortcut.shape[0], 1, device=shortcut.device) >= drop
+                shortcut = shortcut * keep.to(shortcut.dtype) / (1.0 - drop)
+            vis = vis + shortcut
         # index tensors made on the host: a boolean-mask write on the device would sync to count its rows
         visible = to_device((~mask.masked).nonzero().squeeze(1), latent.device)
         tokens = self.mask_token.to(vis.dtype).expand(mask.masked.numel(), -1).clone()

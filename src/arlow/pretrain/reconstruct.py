@@ -26,7 +26,7 @@ from .export import load_mae_checkpoint
 from .mae import ArlowMAEForPreTraining, normalize_patches
 from .masking import window_positions
 
-__all__ = ["reconstruct_items", "reconstruction_grid", "save_reconstruction_grid", "run"]
+__all__ = ["reconstruct_items", "reconstruction_grid", "save_reconstruction_grid", "side_by_side", "run"]
 
 
 def _denormalize_from_visible(pred: torch.Tensor, rows: torch.Tensor, masked: torch.Tensor, positions: torch.Tensor,
@@ -133,6 +133,28 @@ def save_reconstruction_grid(model: ArlowMAEForPreTraining, batch: dict, path: s
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def side_by_side(paths: list[str | Path], labels: list[str], output: str | Path, gap: int = 12) -> Path:
+    """Put PNG grids next to each other, each under its label (e.g. the first and the last checkpoint's)."""
+    from PIL import ImageDraw
+
+    if len(paths) != len(labels) or not paths:
+        raise ValueError("side_by_side needs one label per image and at least one image")
+    images = [Image.open(p).convert("RGB") for p in paths]
+    header = 16
+    width = sum(im.width for im in images) + gap * (len(images) - 1)
+    canvas = Image.new("RGB", (width, header + max(im.height for im in images)), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for image, label in zip(images, labels):
+        draw.text((x + 2, 2), label, fill="black")
+        canvas.paste(image, (x, header))
+        x += image.width + gap
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(output)
+    return output
 
 
 def run(args: argparse.Namespace) -> int:

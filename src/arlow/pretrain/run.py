@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from .export import MAE_CONFIG, export_checkpoint, load_mae_checkpoint
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from .packing import collate_items
 from .plan import accumulation_for, check_plan, run_plan
-from .reconstruct import save_reconstruction_grid
+from .reconstruct import save_reconstruction_grid, side_by_side
 
 __all__ = ["load_recipe", "build_model", "build_data", "pretrain", "run"]
 
@@ -121,14 +122,23 @@ def pretrain(tree: dict) -> dict:
             unwrapped = load_mae_checkpoint(checkpoint_dir)[0]
         export_checkpoint(unwrapped, checkpoint_dir, {"step": step, **data_meta})
         if preview is not None:
-            save_reconstruction_grid(unwrapped, preview, Path(checkpoint_dir) / "reconstructions.png", recon_seed,
-                                     mean, std)
+            grid = save_reconstruction_grid(unwrapped, preview, Path(checkpoint_dir) / "reconstructions.png",
+                                            recon_seed, mean, std)
+            # a copy that outlives checkpoint rotation (keep_last), for the first-vs-last comparison
+            shutil.copyfile(grid, Path(train_cfg.output_dir) / f"reconstructions-step-{step}.png")
 
     mae_config = model.config
     trainer = Trainer(train_cfg, model, data, flops_per_batch=lambda batch: mae_train_flops(mae_config,
                                                                                               batch["grid_thw"]),
                       on_checkpoint=on_checkpoint)
-    return trainer.train()
+    summary = trainer.train()
+    out = Path(train_cfg.output_dir)
+    grids = {int(p.stem.rsplit("-", 1)[1]): p for p in out.glob("reconstructions-step-*.png")}
+    if len(grids) >= 2 and rank_and_world()[0] == 0:  # what pretraining changed: first grid beside the last one
+        first, last = min(grids), max(grids)
+        summary["reconstructions"] = str(side_by_side([grids[first], grids[last]], [f"step {first}", f"step {last}"],
+                                                      out / "reconstructions_first_vs_last.png"))
+    return summary
 
 
 def _preview_batch(data_section: dict | None, vision_config, num_items: int):
