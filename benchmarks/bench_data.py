@@ -11,22 +11,31 @@ One worker = one process with one torch thread (what a DataLoader worker gets), 
 Also: clip decoding with and without seeking for clips late in a long video, and the whole pipeline (2 workers,
 25% clips, 4096-row budget) as micro-batches/s and fill of the token budget.
 
-    python benchmarks/bench_data.py            # about 1-2 minutes on 2 cores
+Prepared shards (``arlow prepare-data``, issue 17): the same photos and videos prepared with the defaults (photos
+at short side 256, and at 501 = kept as they are; videos re-encoded at short side 256 with a keyframe every
+second, at the source rate or at the clip rate = source fps / stride) and
+read back as a streaming worker does (decode from the stored bytes + crop/flip + normalise + patchify), in the
+same interleaved run as the raw files, so the ratios hold on a loaded machine. Then: the 25%-clip mix per worker
+(computed from the per-sample rates, and measured end to end over the shards), workers per GPU for ViT-L/14 and
+the card encoder, start-up time for a synthesised 1-million-sample prepared set, and memory per worker.
+
+    python benchmarks/bench_data.py            # about 3-5 minutes on 2 cores
     python benchmarks/bench_data.py --quick    # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
-import time
 import time
 from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 import torch
 from PIL import Image
 
@@ -34,8 +43,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_times, machine_line, markdown_table, median  # noqa: E402
 
 from arlow.data.clips import probe_video, read_frames  # noqa: E402
+from arlow.data.prepare import ImageSettings, VideoSettings, default_short_side, prepare_images, \
+    prepare_videos  # noqa: E402
+from arlow.data.shards import MANIFEST, ShardSet, ShardStream, shard_index_name  # noqa: E402
 from arlow.data.sources import builtin_media  # noqa: E402
 from arlow.pretrain.data import IMAGE, VIDEO, PretrainData  # noqa: E402
+from arlow.pretrain.stream import StreamingPretrainData, _StreamWorker  # noqa: E402
+
+RAW_PHOTOS, RAW_CLIPS = "ImageNet-size photos (500 px)", "UCF101-like 320x240, 180 frames"
 
 
 def make_media(tmp: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -148,6 +163,192 @@ def pipeline_table(photo_sets, videos, args) -> str:
     return markdown_table(["workers", "micro-batches/s", "samples/s", "patch rows/s", "budget filled"], rows)
 
 
+# ------------------------------------------------------------------------------------------ prepared shards
+
+VIDEO_VARIANTS = {"source rate": VideoSettings(256, tune=None),
+                  "clip rate": VideoSettings(256, frame_step=4, tune=None),
+                  "clip rate, fastdecode (default)": VideoSettings(256, frame_step=4)}
+BEST = "clip rate, fastdecode (default)"
+
+
+def prepare_media(tmp: Path, photo_sets, videos) -> dict:
+    """Prepared sets (``arlow prepare-data``'s functions): the 500-px photos with the defaults for 224-px crops,
+    and the UCF101-like and 640x360 videos in each of VIDEO_VARIANTS (short side 256, a keyframe every second)."""
+    sets = {"photos": tmp / "prepared" / "photos", "photos501": tmp / "prepared" / "photos501"}
+    prepare_images(photo_sets[RAW_PHOTOS], sets["photos"], ImageSettings(default_short_side(224)),
+                   samples_per_shard=8, progress=False)
+    prepare_images(photo_sets[RAW_PHOTOS], sets["photos501"], ImageSettings(501), samples_per_shard=8,
+                   progress=False)
+    for number, name in enumerate(list(videos)[1:]):
+        for label, settings in VIDEO_VARIANTS.items():
+            folder = tmp / "prepared" / f"video{number}-{label.replace(' ', '').replace(',', '-')}"
+            prepare_videos([videos[name]], folder, settings, samples_per_shard=1, progress=False)
+            sets[(name, label)] = folder
+    return sets
+
+
+def _prepared_samples(data: StreamingPretrainData, kind: int, count: int):
+    """A candidate that makes ``count`` samples from the stored bytes as a streaming worker does."""
+    shard_set = data.images if kind == IMAGE else data.videos
+    stored = list(ShardStream(shard_set, range(len(shard_set.names)), np.arange(len(shard_set))))
+    worker = _StreamWorker(data, 0)
+    state = {"k": 0}
+
+    def run():
+        for _ in range(count):
+            k = state["k"]
+            entry, raw = stored[k % len(stored)]
+            rng = np.random.default_rng(k)
+            worker.rows(kind, entry, raw, rng)
+            state["k"] += 1
+
+    return run
+
+
+def prepared_table(photo_sets, videos, sets, args) -> tuple[str, dict]:
+    """Raw files and prepared shards, interleaved in one run: samples/s per worker."""
+    common = dict(resolution=224, clip_frames=16, frame_stride=4, check_sources=False)
+    candidates, counts = {}, {}
+    raw_photos = PretrainData(photo_sets[RAW_PHOTOS], **common)
+    candidates[("raw", RAW_PHOTOS)], counts[("raw", RAW_PHOTOS)] = _samples(raw_photos, IMAGE, args.images), args.images
+    for how, folder in (("prepared", sets["photos"]), ("prepared 501", sets["photos501"])):
+        prepared = StreamingPretrainData(folder, **common)
+        candidates[(how, RAW_PHOTOS)], counts[(how, RAW_PHOTOS)] = (_prepared_samples(prepared, IMAGE, args.images),
+                                                                    args.images)
+    for name in list(videos)[1:]:
+        raw = PretrainData(None, [videos[name]], **common)
+        candidates[("raw", name)], counts[("raw", name)] = _samples(raw, VIDEO, args.clips), args.clips
+        for label in VIDEO_VARIANTS:
+            data = StreamingPretrainData(None, sets[(name, label)], **common)
+            candidates[(label, name)], counts[(label, name)] = _prepared_samples(data, VIDEO, args.clips), args.clips
+        data = StreamingPretrainData(None, sets[(name, BEST)], decoder_threads=2, **common)
+        key = ("default, 2 decoder threads (2 cores)", name)
+        candidates[key], counts[key] = _prepared_samples(data, VIDEO, args.clips), args.clips
+    times = interleaved_times(candidates, repeats=args.repeats)
+    rates = {key: counts[key] / median(times[key]) for key in candidates}
+    rows = []
+    for (how, name), rate in rates.items():
+        base = rates[("raw", name)]
+        label = {"raw": "raw file", "prepared": "prepared, short side 256 (default for 224 px)",
+                 "prepared 501": "prepared, short side 501 (kept as they are)"}.get(how, f"prepared, {how}")
+        rows.append([name, label, f"{rate:.1f}", f"{1000 / rate:.0f}", f"{rate / base:.2f}x"])
+    table = markdown_table(["media", "read from", "samples/s per worker", "ms/sample", "vs raw file"], rows)
+    return table, rates
+
+
+def mix_rate(image_rate: float, clip_rate: float, video_prob: float = 0.25) -> float:
+    return 1.0 / ((1 - video_prob) / image_rate + video_prob / clip_rate)
+
+
+def stream_table(photo_sets, videos, sets, args) -> tuple[str, dict]:
+    """End to end in one process (one worker's job): micro-batches 2..N, raw files vs prepared shards, alternated."""
+    common = dict(resolution=224, video_prob=0.25, clip_frames=16, frame_stride=4, tokens_per_batch=4096, seed=0,
+                  check_sources=False)
+    makers = {"raw files": lambda: PretrainData(photo_sets[RAW_PHOTOS], [videos[RAW_CLIPS]], **common),
+              "prepared shards (defaults)": lambda: StreamingPretrainData(
+                  sets["photos"], sets[(RAW_CLIPS, BEST)], **common)}
+    runs: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(args.repeats if not args.quick else 1):
+        for name, make in makers.items():
+            iterator = iter(make())
+            next(iterator)
+            start = time.perf_counter()
+            samples = sum(next(iterator)["num_samples"] for _ in range(args.batches))
+            runs[name].append(samples / (time.perf_counter() - start))
+    rates = {name: median(values) for name, values in runs.items()}
+    rows = [[name, f"{rate:.1f}", f"{rate / rates['raw files']:.2f}x"] for name, rate in rates.items()]
+    return markdown_table(["25%-clip mix from", "samples/s (1 process)", "vs raw files"], rows), rates
+
+
+def gpu_rates() -> dict[str, float]:
+    """Samples/s one GPU trains at, 25% 16-frame clips at 224 px: ViT-L/14 from peers-and-anchors.md C.1, the card
+    encoder from its model FLOPs (``mae_train_flops``) at 40% MFU of an H100's 989 dense bf16 TFLOP/s."""
+    from arlow.pretrain.mae import ArlowMAEConfig, mae_train_flops
+
+    card = ArlowMAEConfig()  # the published encoder + the card's decoder (width 512, depth 8)
+    image = mae_train_flops(card, torch.tensor([[1, 16, 16]]))
+    clip = mae_train_flops(card, torch.tensor([[8, 16, 16]]))
+    per_sample = 0.75 * image + 0.25 * clip
+    return {"MAE ViT-L/14, H100 at 40% MFU (anchors C.1)": 775.0,
+            f"card encoder ({per_sample / 1e12:.2f} TFLOP/sample), H100 at 40% MFU": 0.4 * 989e12 / per_sample}
+
+
+def workers_table(mixes: dict[str, float]) -> str:
+    rows = []
+    for gpu, gpu_rate in gpu_rates().items():
+        rows.append([gpu, f"{gpu_rate:.0f}"] + [f"{gpu_rate / rate:.0f}" for rate in mixes.values()])
+    return markdown_table(["GPU job", "samples/s"] + [f"workers, {name} ({rate:.1f}/worker)"
+                                                     for name, rate in mixes.items()], rows)
+
+
+def startup_table(tmp: Path, args) -> str:
+    """A synthesised prepared set of 1,000,000 samples (1,000 shards: manifest + index files, no tar bytes)."""
+    shards, per_shard = (100, 1000) if args.quick else (1000, 1000)
+    root = tmp / "million"
+    root.mkdir()
+    entries = []
+    for number in range(shards):
+        name = f"shard-{number:06d}.tar"
+        samples = [{"key": f"{number * per_shard + i:09d}", "member": f"{number * per_shard + i:09d}.jpg",
+                    "label": i % 1000, "width": 500, "height": 375, "offset": 512 + 1024 * 110 * i, "size": 110000}
+                   for i in range(per_shard)]
+        (root / shard_index_name(name)).write_text(json.dumps({"shard": name, "samples": samples}))
+        entries.append({"name": name, "index": shard_index_name(name), "num_samples": per_shard, "bytes": 1.1e8})
+    (root / MANIFEST).write_text(json.dumps({"format": "arlow-shards", "version": 1, "kind": "image",
+                                             "labelled": True, "classes": None, "num_samples": shards * per_shard,
+                                             "shards": entries}))
+    rows = []
+    start = time.perf_counter()
+    data = StreamingPretrainData(root, None, resolution=224, world_size=8, rank=0, num_workers=8, epochs=None)
+    built = time.perf_counter() - start
+    plan = data.stream_epoch(0, 0)
+    order = data._buffer_order(int((plan["kinds"] == IMAGE).sum()), data.shuffle_buffer, 0, 0, 23)
+    first = time.perf_counter() - start
+    rows.append([f"StreamingPretrainData on rank 0 of 8, 8 workers ({shards * per_shard:,} samples)",
+                 f"{built:.2f}", "manifest + the first shard's index"])
+    rows.append(["... + one worker's epoch plan (mixing, packing, shuffle order of its "
+                 f"{len(order):,} samples)", f"{first:.2f}", "what a worker computes before its first shard"])
+    start = time.perf_counter()
+    count = sum(len(ShardSet.open(root).read_index(i)["samples"]) for i in range(shards))
+    rows.append([f"reading every index file ({count:,} samples; a loader that listed every sample)",
+                 f"{time.perf_counter() - start:.2f}", "not done at start-up"])
+    return markdown_table(["start-up", "seconds", "what is read"], rows)
+
+
+def _memory_job(make, batches, queue):
+    import psutil
+
+    process = psutil.Process()
+    before = process.memory_full_info()
+    iterator = iter(make())
+    for _ in range(batches):
+        next(iterator)
+    after = process.memory_full_info()
+    queue.put((before.uss, after.uss, after.rss))
+
+
+def memory_table(photo_sets, videos, sets, args) -> str:
+    """A worker is a forked process: its unique memory (USS) after making micro-batches, raw vs prepared."""
+    import multiprocessing
+
+    common = dict(resolution=224, video_prob=0.25, clip_frames=16, frame_stride=4, tokens_per_batch=4096, seed=0,
+                  check_sources=False)
+    jobs = {"raw files": lambda: PretrainData(photo_sets[RAW_PHOTOS], [videos[RAW_CLIPS]], **common),
+            "prepared shards, shuffle buffer 1000 images / 16 videos": lambda: StreamingPretrainData(
+                sets["photos"], sets[(RAW_CLIPS, BEST)], **common)}
+    rows = []
+    context = multiprocessing.get_context("fork")
+    for name, make in jobs.items():
+        queue = context.Queue()
+        process = context.Process(target=_memory_job, args=(make, args.batches, queue))
+        process.start()
+        before, after, rss = queue.get()
+        process.join()
+        rows.append([name, f"{before / 2**20:.0f}", f"{after / 2**20:.0f}", f"{rss / 2**20:.0f}"])
+    return markdown_table(["worker reading", "unique MiB at start", f"unique MiB after {args.batches} micro-batches",
+                           "resident MiB (shared pages included)"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run (fewer samples, one repeat)")
@@ -171,7 +372,30 @@ def main() -> None:
         print(seek_table(videos, args) + "\n")
         print("Whole pipeline (ImageNet-size photos + UCF101-like clips, 25% clips, 4096-row budget), this "
               "machine's 2 cores:\n")
-        print(pipeline_table(photo_sets, videos, args))
+        print(pipeline_table(photo_sets, videos, args) + "\n")
+
+        sets = prepare_media(Path(tmp), photo_sets, videos)
+        print("## Prepared shards\n")
+        table, prates = prepared_table(photo_sets, videos, sets, args)
+        print("Per worker (1 process, 1 thread), raw files and prepared shards in one interleaved run:\n")
+        print(table + "\n")
+        mixes = {"raw files": mix_rate(prates[("raw", RAW_PHOTOS)], prates[("raw", RAW_CLIPS)])}
+        for label in VIDEO_VARIANTS:
+            mixes[f"prepared, {label}"] = mix_rate(prates[("prepared", RAW_PHOTOS)], prates[(label, RAW_CLIPS)])
+        mixes["prepared, default, photos at 501"] = mix_rate(prates[("prepared 501", RAW_PHOTOS)],
+                                                             prates[(BEST, RAW_CLIPS)])
+        print("25%-clip mix per worker, from the rates above (ImageNet-size photos + UCF101-like clips):\n")
+        print(markdown_table(["read from", "samples/s per worker", "vs raw files"],
+                             [[k, f"{v:.1f}", f"{v / mixes['raw files']:.2f}x"] for k, v in mixes.items()]) + "\n")
+        table, srates = stream_table(photo_sets, videos, sets, args)
+        print(f"The same mix end to end (micro-batches 2-{args.batches + 1}, alternated runs):\n")
+        print(table + "\n")
+        print("Workers per GPU (GPU samples/s / samples/s per worker):\n")
+        print(workers_table({"raw files": mixes["raw files"], "prepared": mixes[f"prepared, {BEST}"]}) + "\n")
+        print("Start-up from index files:\n")
+        print(startup_table(Path(tmp), args) + "\n")
+        print("Memory per worker:\n")
+        print(memory_table(photo_sets, videos, sets, args))
 
 
 if __name__ == "__main__":

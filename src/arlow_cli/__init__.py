@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -116,9 +117,41 @@ def _probe(parser: argparse.ArgumentParser) -> None:
 
 
 # command -> (module with ``run(args)``, help, arguments)
+def _prepare_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder: OUT/images and OUT/videos are written")
+    parser.add_argument("--config", default=None, help="recipe whose data section names the sources and the crop "
+                                                        "(default: tiny_demo); overrides as for `arlow pretrain`")
+    parser.add_argument("--images", default=None, help="image source (overrides the recipe's data.images)")
+    parser.add_argument("--videos", default=None, help="video source (overrides the recipe's data.videos)")
+    parser.add_argument("--no-images", action="store_true", help="prepare only the videos")
+    parser.add_argument("--no-videos", action="store_true", help="prepare only the images")
+    parser.add_argument("--shard-size", default="1GB", help="about this many bytes per shard (default 1GB)")
+    parser.add_argument("--samples-per-shard", type=int, default=None, help="a fixed count instead of --shard-size")
+    parser.add_argument("--short-side", type=int, default=None,
+                        help="image short side in px (default: the recipe's resolution x 8/7, 256 for 224)")
+    parser.add_argument("--max-side", type=int, default=None, help="cap on an image's long side in px")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of resized images (default 90)")
+    parser.add_argument("--video-short-side", type=int, default=256, help="video short side in px (default 256)")
+    parser.add_argument("--fps", default="clip",
+                        help="video frame rate: a number, 'source' (the source's, <= 30), or 'clip' (default: the "
+                             "rate the recipe's clips sample, source fps / data.frame_stride or data.clip_fps, so a "
+                             "clip decodes only the frames it uses)")
+    parser.add_argument("--keyframe-interval", type=float, default=1.0, help="seconds between keyframes (<= 1)")
+    parser.add_argument("--crf", type=int, default=23, help="x264 quality (default 23)")
+    parser.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    parser.add_argument("--tune", default="fastdecode",
+                        help="x264 tune (default fastdecode: the fastest to decode, files ~10%% larger; 'none')")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the item shuffle before sharding")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the source order in the shards")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.resolution=224")
+
+
 COMMANDS = {
     "pretrain": ("arlow.pretrain.run", "MAE pretraining of the vision encoder (no arguments: a tiny demo run)",
                  _pretrain),
+    "prepare-data": ("arlow.data.prepare", "write prepared shards (resized images, re-encoded videos, indexes)",
+                     _prepare_data),
     "export": ("arlow.pretrain.export", "export vision_encoder/ + processors from a pretraining checkpoint", _export),
     "reconstruct": ("arlow.pretrain.reconstruct", "MAE reconstruction grid (PNG) for images or videos", _reconstruct),
     "create-model": ("arlow.assemble", "write a model folder: a preset with random weights, or encoder + text model",

@@ -111,24 +111,36 @@ def read_frames(path: str, indices: Sequence[int], seek: bool = True) -> list[Im
         return _decode(container, str(path), indices, _stream_info(container, str(path)), seek)
 
 
-def read_clip(path: str, num_frames: int, *, stride: int | None = None, fps: float | None = None,
-              rng: np.random.Generator | None = None) -> tuple[list[Image.Image], list[int]]:
-    """``num_frames`` RGB frames of ``path`` (see :func:`clip_indices`) and the source frame indices used."""
+def read_clip(path, num_frames: int, *, stride: int | None = None, fps: float | None = None,
+              rng: np.random.Generator | None = None, threads: int = 1, name: str | None = None,
+              convert=None) -> tuple[list, list[int]]:
+    """``num_frames`` RGB frames of ``path`` (see :func:`clip_indices`) and the source frame indices used.
+
+    ``path`` may be a binary file object (``name`` then names it in errors); ``threads > 1`` lets FFmpeg decode
+    with that many threads (frame and slice threading); ``convert(av.VideoFrame)`` makes each wanted frame
+    (default: an RGB PIL image).
+    """
+    name = name or str(path)
     with _open(path) as container:
-        info = _stream_info(container, str(path))
+        info = _stream_info(container, name)
+        if threads > 1:
+            container.streams.video[0].thread_type = "AUTO"
+            container.streams.video[0].codec_context.thread_count = threads
         indices = clip_indices(info.num_frames, info.fps, num_frames, stride=stride, fps=fps, rng=rng)
-        return _decode(container, str(path), indices, info), indices
+        return _decode(container, name, indices, info, convert=convert), indices
 
 
 def _open(path):
+    """``path``: a file name or a binary file object (a prepared shard's member in memory)."""
     try:
-        return av.open(str(path))
+        return av.open(path if hasattr(path, "read") else str(path))
     except Exception as error:  # FFmpeg errors, OSError, ...: the file cannot be opened
         raise UnreadableMediaError(f"cannot open video {path}: {type(error).__name__}: {error}") from error
 
 
-def _decode(container, path: str, indices: Sequence[int], info: VideoInfo, seek: bool = True
+def _decode(container, path: str, indices: Sequence[int], info: VideoInfo, seek: bool = True, convert=None
             ) -> list[Image.Image]:
+    convert = convert or av.VideoFrame.to_image
     wanted = sorted(set(int(i) for i in indices))
     if not wanted:
         raise ValueError("no frame indices to read")
@@ -148,7 +160,7 @@ def _decode(container, path: str, indices: Sequence[int], info: VideoInfo, seek:
             else:
                 index = counter
             if wanted[pointer] <= index:
-                image = frame.to_image()
+                image = convert(frame)
                 while pointer < len(wanted) and wanted[pointer] <= index:
                     got[wanted[pointer]] = image
                     pointer += 1
@@ -167,7 +179,7 @@ def _decode(container, path: str, indices: Sequence[int], info: VideoInfo, seek:
                 f"video {path} is truncated: decoding stopped at frame {last_index} but frame {missing[0]} of "
                 f"{info.num_frames} (from the header) was needed"
             )
-        filler = last_frame.to_image()
+        filler = convert(last_frame)
         for i in missing:
             got[i] = filler
     return [got[int(i)] for i in indices]

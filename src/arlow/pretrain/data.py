@@ -50,6 +50,17 @@ _MAX_ATTEMPTS = 64  # unreadable files in a row before a sample gives up (the so
 _IMAGE_ORDER, _VIDEO_ORDER, _MIXING, _SAMPLE = 11, 12, 13, 14
 
 
+def mix(n_images: int, video_prob: float, rng: np.random.Generator) -> np.ndarray:
+    """``is_video (length,)`` bool: sample ``k`` is a clip when draw ``u_k < video_prob``; draws continue until
+    ``n_images`` samples are images (the last sample is an image)."""
+    # drawing in chunks reads the same stream as drawing all at once
+    is_video = np.zeros(0, dtype=bool)
+    chunk = int(n_images / (1.0 - video_prob) * 1.1) + 16
+    while (~is_video).sum() < n_images:
+        is_video = np.concatenate([is_video, rng.random(chunk) < video_prob])
+    return is_video[: int(np.searchsorted(np.cumsum(~is_video), n_images)) + 1]
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
@@ -165,8 +176,7 @@ class PretrainData:
                  with_labels: bool | None = None, check_sources: bool = True, pin_memory: bool | None = None):
         if images is None and videos is None:
             raise ValueError("give an image source, a video source or both (see PretrainData.builtin() for a demo)")
-        self.images: ImageSource | None = image_source(images) if images is not None else None
-        self.videos: VideoList | None = video_source(videos) if videos is not None else None
+        self.images, self.videos = self._open_sources(images, videos)
         vc = vision_config or ArlowVisionConfig()
         if vc.in_channels != 3:
             raise ValueError(f"the pipeline makes RGB patches; vision_config.in_channels is {vc.in_channels}")
@@ -222,10 +232,7 @@ class PretrainData:
         self.image_cost = patch_count(1, side, side, 1, 1)
         self.clip_cost = patch_count(clip_frames, side, side, 1, self.temporal_patch_size)
         if check_sources:
-            if self.images is not None:
-                first_readable(self.images, self.images.load)
-            if self.videos is not None:
-                first_readable(self.videos, lambda i: self.videos.load_clip(i, 1, stride=1))
+            self._check_sources()
         biggest = max(([self.image_cost] if self.images is not None else []) +
                       ([self.clip_cost] if self.videos is not None else []))
         if biggest > tokens_per_batch:
@@ -236,6 +243,17 @@ class PretrainData:
         self.skipped_files: dict[str, str] = {}
         self._epoch, self._position = 0, 0
         self._plans: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+
+    def _open_sources(self, images, videos) -> tuple[ImageSource | None, VideoList | None]:
+        return (image_source(images) if images is not None else None,
+                video_source(videos) if videos is not None else None)
+
+    def _check_sources(self) -> None:
+        """Decode items until one reads, so an unreadable source fails at start-up."""
+        if self.images is not None:
+            first_readable(self.images, self.images.load)
+        if self.videos is not None:
+            first_readable(self.videos, lambda i: self.videos.load_clip(i, 1, stride=1))
 
     @classmethod
     def builtin(cls, **kwargs) -> "PretrainData":
@@ -257,14 +275,8 @@ class PretrainData:
         image_order = self._order(n_images, epoch, _IMAGE_ORDER)
         if self.video_prob is None or self.video_prob == 0.0:
             return np.full(n_images, IMAGE, dtype=np.int8), image_order
-        # draw u_k until the images run out; drawing in chunks reads the same stream as drawing all at once
-        mixing = _rng(self.seed, epoch, _MIXING)
-        is_video = np.zeros(0, dtype=bool)
-        chunk = int(n_images / (1.0 - self.video_prob) * 1.1) + 16
-        while (~is_video).sum() < n_images:
-            is_video = np.concatenate([is_video, mixing.random(chunk) < self.video_prob])
-        length = int(np.searchsorted(np.cumsum(~is_video), n_images)) + 1
-        is_video = is_video[:length]
+        is_video = mix(n_images, self.video_prob, _rng(self.seed, epoch, _MIXING))
+        length = len(is_video)
         kinds = is_video.astype(np.int8)
         indices = np.empty(length, dtype=np.int64)
         indices[~is_video] = image_order

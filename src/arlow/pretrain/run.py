@@ -71,8 +71,17 @@ def build_data(data_section: dict, vision_config, seed: int) -> PretrainData:
     for key in ("scale", "ratio"):
         if key in section:
             section[key] = tuple(section[key])
-    return PretrainData(images, videos, vision_config=vision_config, seed=seed, rank=rank, world_size=world,
-                        **section)
+    return data_class(images, videos)(images, videos, vision_config=vision_config, seed=seed, rank=rank,
+                                      world_size=world, **section)
+
+
+def data_class(images, videos) -> type[PretrainData]:
+    """:class:`StreamingPretrainData` for prepared sets (``arlow prepare-data`` output, local or a URL),
+    :class:`PretrainData` for files."""
+    from ..data.shards import is_prepared
+    from .stream import StreamingPretrainData
+
+    return StreamingPretrainData if any(is_prepared(s) for s in (images, videos)) else PretrainData
 
 
 def resolve_accumulation(tree: dict, world_size: int) -> dict:
@@ -151,10 +160,10 @@ def _preview_batch(data_section: dict | None, vision_config, num_items: int):
     builtin_images, builtin_videos = builtin_media()
     images = builtin_images if images == "builtin" else images
     videos = builtin_videos if videos == "builtin" else videos
-    data = PretrainData(images, videos, vision_config=vision_config, resolution=section.get("resolution", 224),
-                        augment=False, shuffle=False, clip_frames=section.get("clip_frames", 16),
-                        frame_stride=section.get("frame_stride", 4), clip_fps=section.get("clip_fps"),
-                        check_sources=False)
+    data = data_class(images, videos)(
+        images, videos, vision_config=vision_config, resolution=section.get("resolution", 224), augment=False,
+        shuffle=False, clip_frames=section.get("clip_frames", 16), frame_stride=section.get("frame_stride", 4),
+        clip_fps=section.get("clip_fps"), check_sources=False)
     wanted = []
     if videos:
         wanted.append((VIDEO, 0))
