@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from fractions import Fraction
 
@@ -93,7 +94,10 @@ def test_mismatched_media_moves_every_question_to_another_sample_of_its_task():
 
 
 @pytest.mark.slow
-def test_short_pipeline_learns_every_skill_and_both_controls_fall_to_chance(tmp_path):
+@pytest.mark.skipif(os.environ.get("ARLOW_DEMO_TEST") != "1",
+                    reason="two whole pipelines (~20 min each on 2 loaded cores, not yet timed on a quiet host): "
+                           "run with ARLOW_DEMO_TEST=1")
+def test_short_pipeline_learns_colour_and_count_and_both_controls_fall_to_chance(tmp_path):
     tasks, learnt = ("colour", "count", "position", "motion"), ("colour", "count")
     real = run_pipeline(tmp_path / "real", SHORT, log=print)
     for stage, (first, last) in real["losses_first_last"].items():
