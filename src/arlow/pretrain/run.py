@@ -9,8 +9,8 @@ A recipe is a YAML file with four sections (see ``arlow/configs/pretrain/*.yaml`
 
 ``arlow pretrain`` with no ``--config`` runs the tiny demo recipe on the built-in media. Any value can be
 overridden on the command line with dotted keys: ``arlow pretrain train.max_steps=50 data.resolution=224``.
-At every checkpoint the run exports ``vision_encoder/``, the processors and ``mae_decoder/`` (see
-:mod:`arlow.pretrain.export`) and writes ``reconstructions.png``.
+Every checkpoint holds the export ``vision_encoder/``, the processors and ``mae_decoder/`` (see
+:mod:`arlow.pretrain.export`) and ``reconstructions.png``, written before the checkpoint is renamed into place.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..training import TrainConfig, Trainer
 from ..training.config import apply_overrides, load_yaml
 from ..training.distributed import rank_and_world
 from .data import PretrainData, image_normalisation
-from .export import MAE_CONFIG, export_checkpoint, load_mae_checkpoint
+from .export import export_checkpoint, load_mae_checkpoint
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from .reconstruct import save_reconstruction_grid
 
@@ -99,8 +99,8 @@ def pretrain(tree: dict) -> dict:
                  ("images", "videos", "resolution", "video_prob", "clip_frames", "frame_stride", "clip_fps")}
 
     def on_checkpoint(checkpoint_dir, unwrapped):
+        # Runs inside the checkpoint's temporary folder: the checkpoint appears with its export or not at all.
         step = int(str(Path(checkpoint_dir).name).split("-")[-1])
-        (Path(checkpoint_dir) / MAE_CONFIG).write_text(json.dumps(unwrapped.config.to_dict(), indent=2) + "\n")
         if next(unwrapped.parameters()).dtype != torch.float32:
             # DeepSpeed bf16/fp16 holds the module in low precision; export the fp32 master weights the engine
             # wrote to model.safetensors instead.

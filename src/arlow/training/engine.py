@@ -10,10 +10,11 @@ the schedule and in the data, applied or not).
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -24,8 +25,10 @@ from .checkpoint import (
     list_checkpoints,
     prune_checkpoints,
     read_trainer_state,
+    refusing_code,
     remove_stale_temporaries,
     resolve_resume,
+    safe_load,
     save_atomically,
     write_trainer_state,
 )
@@ -34,10 +37,12 @@ from .distributed import COMPUTE_DTYPE, build_accelerator
 from .logs import RunLogger
 from .mfu import measure_matmul_peak, model_flops_utilisation
 from .optim import WarmupCosine, build_optimizer, build_param_groups, build_scheduler
+from .rng import preserved_rng
 
 COUNT_KEYS = ("num_tokens", "num_samples")  # batch keys that feed throughput and are not model inputs
 SCHEDULER_FILE = "scheduler.pt"
 DATA_STATE_FILE = "data_state_{rank}.pt"
+RNG_STATE_FILE = "random_states_{rank}.pkl"  # written by accelerate's save_state
 MODEL_FILE = "model.safetensors"
 DEEPSPEED_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's own checkpoint
 
@@ -92,8 +97,11 @@ class Trainer:
             each group get weight decay 0 (see :func:`arlow.training.optim.build_param_groups`).
         flops_per_batch: optional ``callable(batch) -> float``, the model FLOPs of forward + backward on one
             micro-batch, for MFU.
-        on_checkpoint: optional ``callable(checkpoint_dir, unwrapped_model)``, run on the main process after each
-            checkpoint is in place (under ZeRO-3 read weights from ``checkpoint_dir/model.safetensors``).
+        on_checkpoint: optional ``callable(checkpoint_dir, unwrapped_model)``, run on the main process while each
+            checkpoint is still its temporary folder, after the engine's files and before the rename: what it writes
+            is part of the checkpoint, which appears only once the hook has finished (under ZeRO-3 read weights
+            from ``checkpoint_dir/model.safetensors``). It cannot move the training RNG streams (see
+            :func:`arlow.training.rng.preserved_rng`).
     """
 
     def __init__(
@@ -156,12 +164,19 @@ class Trainer:
         resume_from = resolve_resume(output_dir, cfg.resume)
         if resume_from is not None:
             self._load(resume_from)
+            self._notice(f"resuming from {resume_from} (step {self.step} of {cfg.max_steps})")
+            if acc.is_main_process and cfg.resume == "latest":
+                # A run killed between a checkpoint's rename and the pruning after it kept one too many.
+                prune_checkpoints(output_dir, cfg.keep_last)
         elif cfg.resume is None and list_checkpoints(output_dir):
             # A fresh run would interleave its checkpoints with another run's (and keep_last could prune its own).
             raise ValueError(
                 f"{output_dir} already holds checkpoints {[p.name for _, p in list_checkpoints(output_dir)]} of an "
-                "earlier run; continue it with resume='latest', or use another output_dir (or delete them)."
+                "earlier run; continue it with --resume latest (train.resume=latest), or choose another "
+                "train.output_dir (or delete them)."
             )
+        elif cfg.resume == "latest":
+            self._notice(f"--resume latest: no checkpoint in {output_dir} yet, starting a fresh run")
         peak = self._peak_flops() if self.flops_per_batch is not None else None
 
         logger = RunLogger(
@@ -376,6 +391,11 @@ class Trainer:
         scaler = self.accelerator.scaler
         return float(scaler.get_scale()) if scaler is not None else None
 
+    def _notice(self, message: str) -> None:
+        """One line on stderr from the main process (before the progress bar starts)."""
+        if self.accelerator.is_main_process:
+            print(f"arlow: {message}", file=sys.stderr, flush=True)
+
     def _peak_flops(self) -> float:
         if self.config.peak_flops is not None:
             return self.config.peak_flops
@@ -385,18 +405,22 @@ class Trainer:
         n = self.consecutive_nonfinite
         last = f"{self.last_checkpoint}" if self.last_checkpoint else "none written yet"
         return (
-            f"training stopped at step {self.step}: the loss or gradient was non-finite (NaN/inf) for {n} consecutive "
-            f"steps ({self.step - n + 1}..{self.step}); none of them changed the weights and no checkpoint holds "
-            f"them. Last checkpoint: {last}. Usual cures: lower learning_rate, keep max_grad_norm set, use "
-            f"precision='fp32' or 'bf16' instead of fp16, or inspect the micro-batches of those steps; then restart "
-            f"with resume='latest'. (max_consecutive_nonfinite={self.config.max_consecutive_nonfinite})"
+            f"training stopped at step {self.step}: the loss or gradient was NaN/inf for {n} steps in a row "
+            f"({self.step - n + 1}..{self.step}, none of them changed the weights). Last checkpoint: {last}. Lower "
+            f"train.learning_rate (or use train.precision=bf16/fp32, keep train.max_grad_norm) and continue with "
+            f"--resume latest."
         )
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Write ``output_dir/checkpoint-{step}`` atomically (all processes must call this), run the
-        ``on_checkpoint`` hook, prune old checkpoints. Refuses to save non-finite weights."""
+        """Write ``output_dir/checkpoint-{step}`` atomically with what the ``on_checkpoint`` hook adds (all
+        processes must call this), prune old checkpoints. Refuses to save non-finite weights. Leaves every
+        process's RNG streams as they were, so a run resumed from this checkpoint continues bit for bit."""
+        with preserved_rng():
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path:
         from accelerate.utils import save as save_weights
 
         acc, cfg = self.accelerator, self.config
@@ -422,6 +446,14 @@ class Trainer:
                 full = OrderedDict((name, tensor.clone()) for name, tensor in full.items())
                 save_weights(full, tmp / MODEL_FILE, safe_serialization=True)
             torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            from transformers import PreTrainedModel
+
+            unwrapped = acc.unwrap_model(self.model)
+            if isinstance(unwrapped, PreTrainedModel):
+                unwrapped.config.save_pretrained(tmp)  # config.json + model.safetensors: a loadable model folder
+            if self.on_checkpoint is not None:
+                with _quiet_hub_progress_bars():  # transformers' "Writing model shards" bars would cut the training bar
+                    self.on_checkpoint(tmp, unwrapped)
             write_trainer_state(
                 tmp,
                 {
@@ -441,8 +473,6 @@ class Trainer:
         )
         self.last_checkpoint = path
         if acc.is_main_process:
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(path, acc.unwrap_model(self.model))
             prune_checkpoints(cfg.output_dir, cfg.keep_last)
         acc.wait_for_everyone()
         return path
@@ -473,9 +503,13 @@ class Trainer:
         changed = sorted(k for k, v in cfg.to_dict().items() if k not in ("resume",) and saved.get(k, v) != v)
         if changed and acc.is_main_process:
             warnings.warn(f"resuming {path} with changed settings (the new values apply): {', '.join(changed)}")
-        acc.load_state(str(path))
-        self.scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=False))
-        self.data.load_state_dict(torch.load(path / DATA_STATE_FILE.format(rank=acc.process_index), weights_only=False))
+        with refusing_code(f"the accelerate state in {path} (optimizer.bin, scaler.pt, model weights)"):
+            acc.load_state(str(path))  # accelerate loads with weights_only=True
+        # accelerate restores the RNG states but only logs when it cannot (e.g. a file that is not plain data):
+        # load the file again so that a refused or missing one stops the resume instead of silently diverging.
+        safe_load(path / RNG_STATE_FILE.format(rank=acc.process_index))
+        self.scheduler.load_state_dict(safe_load(path / SCHEDULER_FILE))
+        self.data.load_state_dict(safe_load(path / DATA_STATE_FILE.format(rank=acc.process_index)))
         self.step = int(state["step"])
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
         self.overflow_skipped = int(state["overflow_skipped"])
@@ -507,6 +541,19 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": we only reposition it
             sched.step()
+
+
+@contextmanager
+def _quiet_hub_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _check_data(data: Any) -> None:
