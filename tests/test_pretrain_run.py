@@ -33,6 +33,14 @@ def test_recipes_load_and_validate():
     assert load_recipe("tiny_demo", ["train.max_steps=7"])["train"]["max_steps"] == 7
     with pytest.raises(ValueError, match="unknown recipe sections"):
         load_recipe("tiny_demo", ["trian.max_steps=7"])
+    typos = {"data.resolutoin=56": "unknown data key 'resolutoin'. Did you mean 'resolution'?",
+             "model.vision.depht=2": "unknown model.vision key 'depht'. Did you mean 'depth'?",
+             "model.mask_ration=0.5": "unknown model key 'mask_ration'. Did you mean 'mask_ratio'?",
+             "reconstruct.num_item=2": "unknown reconstruct key 'num_item'. Did you mean 'num_items'?",
+             "train.max_step=2": "unknown train key 'max_step'. Did you mean 'max_steps'?"}
+    for override, message in typos.items():
+        with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("?", r"\?")):
+            load_recipe("tiny_demo", [override])
 
 
 def test_cli_reports_bad_config_without_traceback(capsys, tmp_path):
@@ -96,3 +104,10 @@ def test_resume_continues(demo_run):
     assert code == 0
     records = [json.loads(line) for line in (demo_run / "log.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 6 and (demo_run / "checkpoint-6" / "vision_encoder").is_dir()
+
+
+def test_reconstruct_checks_inputs_before_loading_weights(tmp_path, capsys):
+    # the checkpoint does not exist either: the inputs are checked first, and the answer is a usage error (2)
+    assert main(["reconstruct", "--checkpoint", str(tmp_path / "nope"), "--inputs", str(tmp_path / "missing.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.jpg: does not exist" in err and "nope" not in err

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..training import TrainConfig, Trainer, rank_and_world
-from ..training.config import apply_overrides, load_yaml
+from ..training.config import apply_overrides, check_keys, load_yaml
 from ..training.mfu import dense_train_flops, train_flops, vit_forward_flops
 from .data import FinetuneData
 from .examples import ExampleEncoder
@@ -78,9 +78,7 @@ def load_recipe(stage: str, config: str | None = None, overrides: list[str] | No
         raise ValueError("the lora section belongs to `arlow sft`; alignment trains the mergers and gates")
     sections = (("model", _MODEL_KEYS), ("data", _DATA_KEYS), ("trainable", {"groups", "lr", "weight_decay"}))
     for section, keys in sections:
-        extra = set(tree.get(section) or {}) - keys
-        if extra:
-            raise ValueError(f"unknown {section} key(s) {sorted(extra)}; valid: {sorted(keys)}")
+        check_keys(section, tree.get(section) or {}, sorted(keys))
     return tree
 
 

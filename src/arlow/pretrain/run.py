@@ -16,6 +16,7 @@ Every checkpoint holds the export ``vision_encoder/``, the processors and ``mae_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from importlib import resources
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ..training import TrainConfig, Trainer
-from ..training.config import apply_overrides, load_yaml
+from ..configuration import ArlowVisionConfig
+from ..training.config import apply_overrides, check_keys, init_keys, load_yaml
 from ..training.distributed import rank_and_world
 from .data import PretrainData, image_normalisation
 from .export import export_checkpoint, load_mae_checkpoint
@@ -55,6 +57,13 @@ def load_recipe(config: str | None = None, overrides: list[str] | None = None) -
     unknown = set(tree) - {"model", "data", "train", "reconstruct"}
     if unknown:
         raise ValueError(f"unknown recipe sections {sorted(unknown)}; expected model, data, train, reconstruct")
+    model = tree.get("model") or {}
+    check_keys("model", model, init_keys(ArlowMAEConfig, exclude=["vision_config"]) + ["vision", "attn_implementation"])
+    check_keys("model.vision", model.get("vision") or {}, init_keys(ArlowVisionConfig))
+    check_keys("data", tree.get("data") or {}, init_keys(PretrainData, exclude=["vision_config", "seed", "rank",
+                                                                                  "world_size"]))
+    check_keys("reconstruct", tree.get("reconstruct") or {}, ["num_items", "seed"])
+    check_keys("train", tree.get("train") or {}, [f.name for f in dataclasses.fields(TrainConfig)])
     return tree
 
 

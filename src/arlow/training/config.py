@@ -19,7 +19,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -121,11 +121,7 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ValueError(f"a TrainConfig needs a mapping of keys to values, got {type(values).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in fields:
-                close = difflib.get_close_matches(key, list(fields), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown TrainConfig key {key!r}.{hint} Valid keys: {', '.join(fields)}.")
+        check_keys("TrainConfig", values, fields)
         missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING]
         if missing:
             raise ValueError(f"TrainConfig needs {', '.join(missing)} (no default); add them to the config or overrides.")
@@ -142,6 +138,26 @@ class TrainConfig:
                 raise ValueError(f"{path} has no {section!r} section; its top-level keys are {sorted(tree)}.")
             tree = tree[section]
         return cls.from_dict(dict(tree or {}))
+
+
+def check_keys(section: str, given: Iterable[str], valid: Iterable[str]) -> None:
+    """Refuse a key of ``section`` (a recipe section such as ``data`` or ``model.vision``) that is not in ``valid``,
+    naming the closest valid key: a typo must not silently train the default."""
+    valid = list(valid)
+    for key in given:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown {section} key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def init_keys(cls: type, *, exclude: Iterable[str] = ()) -> list[str]:
+    """The named parameters of ``cls.__init__`` (what a recipe section may set), less ``exclude``."""
+    import inspect
+
+    skip = {"self", *exclude}
+    return [name for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
