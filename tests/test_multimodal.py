@@ -529,6 +529,8 @@ def test_assembly_copies_every_source_weight(tmp_path, processor, media):
         warnings.simplefilter("always")
         out = create_model(tmp_path / "vlm", vision_encoder=checkpoint, text_model=text_dir)
     assert any("built-in tokenizer" in str(w.message) for w in caught)  # the text folder had none
+    assert out.stat().st_mode & 0o777 == 0o755  # readable by others, weights included
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir() if f.is_file())
     vlm = AutoModelForImageTextToText.from_pretrained(out).eval()
     for name, value in encoder.state_dict().items():
         assert torch.equal(vlm.model.visual.state_dict()[name], value), name

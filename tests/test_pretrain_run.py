@@ -59,6 +59,10 @@ def test_run_writes_checkpoints_exports_and_reconstructions(demo_run):
                      "video_processor", "processor_config.json", "mae_decoder/decoder.safetensors", "README.md",
                      "reconstructions.png"):
             assert (ckpt / name).exists(), name
+    for part in ("vision_encoder", "image_processor", "video_processor", "mae_decoder"):  # readable by others
+        folder = demo_run / "checkpoint-4" / part
+        assert folder.stat().st_mode & 0o777 == 0o755, part
+        assert all(f.stat().st_mode & 0o777 == 0o644 for f in folder.iterdir()), part
 
 
 def test_export_loads_with_identical_outputs(demo_run):

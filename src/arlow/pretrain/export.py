@@ -28,6 +28,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..modeling.vision import ArlowVLVisionModel
+from ..training.checkpoint import share_modes
 from ..processing.image import ArlowImageProcessor
 from ..processing.video import ArlowVideoProcessor
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining
@@ -86,6 +87,7 @@ def export_checkpoint(model: ArlowMAEForPreTraining, checkpoint_dir: str | Path,
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=checkpoint_dir))
         try:
             write(tmp)
+            share_modes(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

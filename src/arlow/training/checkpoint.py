@@ -164,6 +164,18 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int | None) -> list[Pat
     return doomed
 
 
+def share_modes(root: str | Path) -> None:
+    """Give ``root`` and everything under it the usual modes of a published folder: 0o755 directories, 0o644
+    files. ``tempfile.mkdtemp`` makes folders private (0o700) and transformers writes weights 0o600."""
+    root = Path(root)
+    root.chmod(0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+
+
 def _fsync_tree(root: Path) -> None:
     # The rename must not reach the disk before the files it publishes (power loss, not just a process crash).
     for dirpath, _, filenames in os.walk(root):
