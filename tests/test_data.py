@@ -434,11 +434,31 @@ def test_corrupt_truncated_and_empty_files_are_skipped_counted_and_logged(tmp_pa
     bad = {str(corrupt), str(empty), str(truncated), cut, str(vdir / "zero.mp4")}
     assert set(data.skipped_files) == bad
     messages = [r.getMessage() for r in caplog.records if "skipped unreadable" in r.getMessage()]
-    assert len(messages) == data.num_skipped >= len(bad)
+    assert len(messages) == data.num_skipped_files == len(bad) and data.num_skipped >= len(bad)  # logged once each
     for path in bad:
         assert any(path in m for m in messages)
     assert "0 bytes" in data.skipped_files[str(empty)] and "truncated" in data.skipped_files[str(truncated)]
     assert ok_video not in data.skipped_files
+
+
+def test_a_file_found_unreadable_is_not_decoded_again(numbered_images, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    items = numbered_images[:6] + [(str(bad), 99)]
+    kw = dict(resolution=RES, tokens_per_batch=64, seed=3, epochs=3, check_sources=False)
+    reference = list(PretrainData(items, **kw))
+    data = PretrainData(items, **kw)
+    decoded = []
+    load = type(data.images).load
+    monkeypatch.setattr(type(data.images), "load", lambda self, i: decoded.append(i) or load(self, i))
+    first = _take(data, 2)  # epoch 0 (7 images, 4 per micro-batch) meets the bad file
+    state = data.state_dict()
+    resumed = PretrainData(items, **kw)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    _same_batches(first + rest, reference)  # replaced by the same item as when it is decoded each time
+    assert decoded.count(6) == 1  # three epochs, one decode: the resumed pipeline knew it from the state
+    assert data.num_skipped == 1 and resumed.num_skipped == 3 and set(resumed.skipped_files) == {str(bad)}
 
 
 def test_empty_folder_and_unreadable_source_raise_clear_errors(tmp_path):

@@ -251,7 +251,7 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path):
     assert all(v.dtype == torch.float32 for v in w16.values())  # autocast keeps fp32 master weights
     diff = max((w32[n] - w16[n]).abs().max().item() for n in w32)
     assert 0 < diff < 2e-2  # bf16 matmuls were used (not identical) and the result is close
-    assert s16["loss"] == pytest.approx(s32["loss"], rel=0.05)
+    assert s16["last_step_loss"] == pytest.approx(s32["last_step_loss"], rel=0.05)
 
 
 # ---------------------------------------------------------------- non-finite losses
@@ -351,6 +351,22 @@ def test_checkpoint_appears_only_with_what_its_hook_wrote_and_resume_prunes(tmp_
     with pytest.warns(UserWarning, match="changed settings.*keep_last"):
         train_toy(make_config(tmp_path, max_steps=6, save_every=1, keep_last=2, resume="latest"))
     assert [s for s, _ in list_checkpoints(out)] == [5, 6]
+
+
+def test_skipped_files_reach_the_summary_log_and_trainer_state(tmp_path):
+    class SkippingData(ToyData):
+        @property
+        def num_skipped_files(self):  # as PretrainData counts them: one more unreadable file every 3 micro-batches
+            return (self.epoch * self.local_len + self.position) // 3
+
+    cfg = make_config(tmp_path, max_steps=4, save_every=2, keep_last=0)
+    _, summary = train_toy(cfg, data=SkippingData(ToySpec()))
+    assert summary["skipped_files"] == 1 and summary["last_step_loss"] > 0
+    assert [r["skipped_files"] for r in read_log(Path(cfg.output_dir) / "log.jsonl")] == [0, 0, 1, 1]
+    states = [json.loads((Path(cfg.output_dir) / f"checkpoint-{s}" / "trainer_state.json").read_text()) for s in (2, 4)]
+    assert [s["skipped_files"] for s in states] == [0, 1]
+    _, plain = train_toy(make_config(tmp_path / "plain"))
+    assert plain["skipped_files"] is None  # data that does not count skips
 
 
 def test_crash_while_writing_checkpoint_leaves_previous_and_resume_is_exact(tmp_path):

@@ -153,8 +153,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, Any]:
-        """Run until ``max_steps``; returns a summary dict (step, loss, nonfinite_skipped, overflow_skipped,
-        elapsed, last_checkpoint, resumed_from, log_file). Raises :class:`NonFiniteLossError` on persistent NaN/inf."""
+        """Run until ``max_steps``; returns a summary dict (step, last_step_loss, nonfinite_skipped,
+        overflow_skipped, skipped_files, elapsed, last_checkpoint, resumed_from, log_file). Raises
+        :class:`NonFiniteLossError` on persistent NaN/inf."""
         cfg, acc = self.config, self.accelerator
         output_dir = Path(cfg.output_dir)
         if acc.is_main_process:
@@ -215,11 +216,13 @@ class Trainer:
                     interval.paused += time.perf_counter() - t0
         finally:
             logger.close()
+        skipped_files = self._skipped_files()
         return {
             "step": self.step,
-            "loss": self.last_loss,
+            "last_step_loss": self.last_loss,
             "nonfinite_skipped": self.nonfinite_skipped,
             "overflow_skipped": self.overflow_skipped,
+            "skipped_files": skipped_files,
             "elapsed": self.elapsed,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
@@ -236,7 +239,7 @@ class Trainer:
         losses: list[float] = []
         bad = False
         for j in range(k):
-            batch = self._next_batch()
+            batch = self._next_batch_everywhere()
             if bad:
                 continue  # this step is lost already: consume its data so every process stays aligned, skip compute
             inputs = self._account(batch, result)
@@ -294,6 +297,28 @@ class Trainer:
                 result.grad_norm = norm
         self.optimizer.zero_grad(set_to_none=True)
         return result
+
+    def _next_batch_everywhere(self) -> Mapping[str, Any]:
+        """The next micro-batch; with several processes, a data error on any of them stops all of them (the others
+        would otherwise wait for it in the next collective for ever). Costs one scalar all-reduce per micro-batch."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._next_batch()
+        error = None
+        try:
+            batch = self._next_batch()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes have heard of it
+            error = err
+        failed = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), "sum").item()
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(
+                f"stopping at step {self.step + 1}: {int(failed)} other process(es) could not read their data (their "
+                f"error is in the log). Last checkpoint: {self.last_checkpoint or 'none written yet'}; fix the data "
+                "and continue with --resume latest."
+            )
+        return batch
 
     def _next_batch(self) -> Mapping[str, Any]:
         try:
@@ -378,8 +403,18 @@ class Trainer:
             "step_time": seconds / max(interval.steps, 1),
             "nonfinite_skipped": self.nonfinite_skipped,
             "overflow_skipped": self.overflow_skipped,
+            "skipped_files": self._skipped_files(),
             "elapsed": self.elapsed,
         }
+
+    def _skipped_files(self) -> int | None:
+        """Distinct unreadable files the data skipped so far, summed over processes (a collective); None when the
+        data does not count them (it has no ``num_skipped_files``)."""
+        local = getattr(self.data, "num_skipped_files", None)
+        if local is None:
+            return None
+        acc = self.accelerator
+        return int(acc.reduce(torch.tensor([float(local)], device=acc.device), "sum").item())
 
     def _loss_scale(self) -> float | None:
         if self.config.precision != "fp16":
@@ -425,6 +460,7 @@ class Trainer:
 
         acc, cfg = self.accelerator, self.config
         self._check_finite_weights()
+        skipped_files = self._skipped_files()
 
         def write(tmp: Path) -> None:
             acc.save_state(str(tmp), safe_serialization=True)
@@ -460,6 +496,7 @@ class Trainer:
                     "step": self.step,
                     "nonfinite_skipped": self.nonfinite_skipped,
                     "overflow_skipped": self.overflow_skipped,
+                    "skipped_files": skipped_files,
                     "consecutive_nonfinite": self.consecutive_nonfinite,
                     "last_loss": self.last_loss,
                     "elapsed": self.elapsed,

@@ -27,6 +27,7 @@ FIELDS = {
     "step_time": "seconds per optimizer step since the previous record",
     "nonfinite_skipped": "steps skipped so far because the loss or the gradient was non-finite (whole run)",
     "overflow_skipped": "fp16 steps skipped so far by the dynamic loss scaler (normal while the scale calibrates)",
+    "skipped_files": "distinct unreadable data files skipped so far, all processes (null if the data does not count)",
     "elapsed": "training seconds so far, summed over resumed segments",
 }
 
