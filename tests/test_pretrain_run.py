@@ -115,3 +115,35 @@ def test_reconstruct_checks_inputs_before_loading_weights(tmp_path, capsys):
     assert main(["reconstruct", "--checkpoint", str(tmp_path / "nope"), "--inputs", str(tmp_path / "missing.jpg")]) == 2
     err = capsys.readouterr().err
     assert "missing.jpg: does not exist" in err and "nope" not in err
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_ctrl_c_and_nonfinite_stop_say_one_line_with_the_last_checkpoint(tmp_path, capsys, monkeypatch, debug):
+    from arlow.training import NonFiniteLossError, Trainer, TrainingInterrupted
+    from arlow.training.engine import _StepResult
+
+    step = Trainer._train_step
+
+    def interrupted_at_3(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return step(self)
+
+    def nan_from_3(self):
+        return _StepResult(nonfinite=True) if self.step >= 2 else step(self)
+
+    run = ["pretrain", *TINY, "train.max_steps=6", "train.save_every=2", "train.progress_bar=false",
+           "train.max_consecutive_nonfinite=2"]
+    run[1:1] = ["--debug"] if debug else []
+    for hook, code, error, words in ((interrupted_at_3, 130, TrainingInterrupted, "interrupted (Ctrl-C) during step 3"),
+                                     (nan_from_3, 1, NonFiniteLossError, "training stopped at step 4: the loss or gradient was NaN/inf for 2 steps")):
+        monkeypatch.setattr(Trainer, "_train_step", hook)
+        out = tmp_path / hook.__name__
+        if debug:  # the exception itself, with its traceback
+            with pytest.raises(error):
+                main(run + [f"train.output_dir={out}"])
+            continue
+        assert main(run + [f"train.output_dir={out}"]) == code
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"arlow pretrain: {words}")
+        assert f"Last checkpoint: {out / 'checkpoint-2'}" in err and err.endswith("--resume latest.")

@@ -47,8 +47,16 @@ MODEL_FILE = "model.safetensors"
 DEEPSPEED_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's own checkpoint
 
 
-class NonFiniteLossError(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """The run stopped for a reason its message explains in one line (with the last checkpoint and how to go on)."""
+
+
+class NonFiniteLossError(TrainingStopped):
     """Raised when ``max_consecutive_nonfinite`` steps in a row had a non-finite loss or gradient."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the last checkpoint."""
 
 
 @dataclass
@@ -214,6 +222,11 @@ class Trainer:
                     t0 = time.perf_counter()
                     self.save_checkpoint()
                     interval.paused += time.perf_counter() - t0
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"interrupted (Ctrl-C) during step {self.step + 1}. Last checkpoint: "
+                f"{self.last_checkpoint or 'none written yet'}; continue with --resume latest."
+            ) from None
         finally:
             logger.close()
         skipped_files = self._skipped_files()
@@ -313,7 +326,7 @@ class Trainer:
         if error is not None:
             raise error
         if failed:
-            raise RuntimeError(
+            raise TrainingStopped(
                 f"stopping at step {self.step + 1}: {int(failed)} other process(es) could not read their data (their "
                 f"error is in the log). Last checkpoint: {self.last_checkpoint or 'none written yet'}; fix the data "
                 "and continue with --resume latest."
