@@ -461,6 +461,14 @@ def test_a_file_found_unreadable_is_not_decoded_again(numbered_images, tmp_path,
     assert data.num_skipped == 1 and resumed.num_skipped == 3 and set(resumed.skipped_files) == {str(bad)}
 
 
+def test_a_missing_data_path_says_it_does_not_exist(tmp_path):
+    for spec, kind in ((tmp_path / "nope", "image"), (tmp_path / "nope.jpg", "image"), (tmp_path / "nope.mp4", "video"),
+                       (tmp_path / "videos", "video"), (tmp_path / "list.txt", "video")):
+        make = image_source if kind == "image" else video_source
+        with pytest.raises(ValueError, match=f"{kind} source {spec} does not exist"):
+            make(str(spec))
+
+
 def test_empty_folder_and_unreadable_source_raise_clear_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

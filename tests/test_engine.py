@@ -185,6 +185,17 @@ def test_warmup_longer_than_the_run_is_clamped_with_a_notice(caplog):
     assert WarmupCosine(cfg.warmup_steps, 4)(3) == 1.0  # the last step reaches the peak lr
 
 
+def test_cpu_training_tells_deepspeed_its_accelerator(tmp_path):
+    pytest.importorskip("deepspeed")
+    code = ("import torch; from arlow.training import TrainConfig; from arlow.training.distributed import "
+            "build_accelerator; build_accelerator(TrainConfig(output_dir='o', max_steps=1), torch.nn.Linear(2, 2)); "
+            "from deepspeed.accelerator import get_accelerator; print(get_accelerator().device_name())")
+    env = {k: v for k, v in _toy_env().items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in proc.stderr  # no warning to cut through the progress bar
+
+
 def test_fp16_refused_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="fp16' needs a GPU"):
         Trainer(make_config(tmp_path, precision="fp16"), build_model(ToySpec()), ToyData(ToySpec()))
@@ -361,8 +372,10 @@ def test_skipped_files_reach_the_summary_log_and_trainer_state(tmp_path):
 
     cfg = make_config(tmp_path, max_steps=4, save_every=2, keep_last=0)
     _, summary = train_toy(cfg, data=SkippingData(ToySpec()))
-    assert summary["skipped_files"] == 1 and summary["last_step_loss"] > 0
-    assert [r["skipped_files"] for r in read_log(Path(cfg.output_dir) / "log.jsonl")] == [0, 0, 1, 1]
+    records = read_log(Path(cfg.output_dir) / "log.jsonl")
+    assert summary["skipped_files"] == 1 and summary["last_step_loss"] == summary["last_logged_loss"]  # log_every=1
+    assert summary["last_logged_loss"] == records[-1]["loss"]
+    assert [r["skipped_files"] for r in records] == [0, 0, 1, 1]
     states = [json.loads((Path(cfg.output_dir) / f"checkpoint-{s}" / "trainer_state.json").read_text()) for s in (2, 4)]
     assert [s["skipped_files"] for s in states] == [0, 1]
     _, plain = train_toy(make_config(tmp_path / "plain"))

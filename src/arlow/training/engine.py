@@ -161,7 +161,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, Any]:
-        """Run until ``max_steps``; returns a summary dict (step, last_step_loss, nonfinite_skipped,
+        """Run until ``max_steps``; returns a summary dict (step, last_step_loss, last_logged_loss, nonfinite_skipped,
         overflow_skipped, skipped_files, elapsed, last_checkpoint, resumed_from, log_file). Raises
         :class:`NonFiniteLossError` on persistent NaN/inf."""
         cfg, acc = self.config, self.accelerator
@@ -201,6 +201,7 @@ class Trainer:
         started = time.perf_counter()
         elapsed_before = self.elapsed
         interval = _Interval(start=started)
+        logged_loss = None
         try:
             while self.step < cfg.max_steps:
                 result = self._train_step()
@@ -214,7 +215,9 @@ class Trainer:
                 logger.advance()
                 stop = self.consecutive_nonfinite >= cfg.max_consecutive_nonfinite
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stop:
-                    logger.log(self._record(interval, result, peak))
+                    record = self._record(interval, result, peak)
+                    logged_loss = record["loss"]
+                    logger.log(record)
                     interval = _Interval(start=time.perf_counter())
                 if stop:
                     raise NonFiniteLossError(self._nonfinite_message())
@@ -232,7 +235,8 @@ class Trainer:
         skipped_files = self._skipped_files()
         return {
             "step": self.step,
-            "last_step_loss": self.last_loss,
+            "last_step_loss": self.last_loss,  # the last finite step's loss alone
+            "last_logged_loss": logged_loss,  # log.jsonl's "loss" of the last record: the mean over its interval
             "nonfinite_skipped": self.nonfinite_skipped,
             "overflow_skipped": self.overflow_skipped,
             "skipped_files": skipped_files,
