@@ -343,6 +343,33 @@ def test_mixing_is_per_sample_and_every_image_is_used_once_per_epoch():
         PretrainData(fake, vids, video_prob=1.5, check_sources=False)
 
 
+def test_variable_frame_rate_video_is_sampled_by_presentation_time(tmp_path):
+    """2 s at 10 fps, then 5 s at 2 fps: a 1-frame-per-second clip must show what is on screen at each second
+    (a frame-index rule picks later frames in the slow half)."""
+    import fractions
+
+    starts_ms = [100 * k for k in range(20)] + [2000 + 500 * k for k in range(10)]
+    path = str(tmp_path / "vfr.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0", "preset": "ultrafast"}
+        stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
+        for k, start in enumerate(starts_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), _level(k), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = start, fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    info = probe_video(path)
+    frames, indices = read_clip(path, 7, fps=1.0)
+    seconds = [i / info.fps for i in indices]  # index i is the moment i / fps
+    on_screen = [max(k for k, start in enumerate(starts_ms) if start <= 1000 * t + 1e-6) for t in seconds]
+    assert [_frame_number(f) for f in frames] == on_screen
+    assert seconds[-1] - seconds[0] == pytest.approx(6.0, abs=0.5 / info.fps)  # 7 frames 1 s apart in real time
+
+
 # ------------------------------------------------------------------------------------- workers, resume, ranks
 
 def test_same_batches_with_zero_and_two_workers(numbered_images, videos, tmp_path):
