@@ -577,7 +577,7 @@ def test_a_step_reads_the_device_once_whatever_the_accumulation(tmp_path, monkey
 
         trainer._train_step = counted_step
         summary = trainer.train()
-        assert summary["step"] == 3 and math.isfinite(summary["loss"])
+        assert summary["step"] == 3 and math.isfinite(summary["last_step_loss"])
     # steps 1 and 2 are not logged (log_every=100); step 3 is the last, timed and logged
     for k in (1, 4):
         assert [len(c) for c in per_step[k][:2]] == [1, 1], per_step[k]
