@@ -52,7 +52,7 @@ def load_recipe(config: str | None = None, overrides: list[str] | None = None) -
     check_keys("model", model, init_keys(ArlowMAEConfig, exclude=["vision_config"]) + ["vision", "attn_implementation"])
     check_keys("model.vision", model.get("vision") or {}, init_keys(ArlowVisionConfig))
     check_keys("data", tree.get("data") or {}, init_keys(PretrainData, exclude=["vision_config", "seed", "rank",
-                                                                                  "world_size"]))
+                                                                                  "world_size"]) + ["tokens_per_step"])
     check_keys("reconstruct", tree.get("reconstruct") or {}, ["num_items", "seed"])
     check_keys("train", tree.get("train") or {}, [f.name for f in dataclasses.fields(TrainConfig)])
     return tree
