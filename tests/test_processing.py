@@ -434,7 +434,7 @@ def test_chat_template_exact_string_and_assistant_mask(processor):
         "<|im_start|>assistant\n"
     )
     assert processor.apply_chat_template(conversation[:1]) == "<|im_start|>system\nYou are brief.<|im_end|>\n"
-    with pytest.raises(Exception, match="content blocks must be"):
+    with pytest.raises(Exception, match="audio content is not supported"):
         processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}])
 
 
