@@ -33,6 +33,7 @@ class ToySpec:
     model_seed: int = 0
     poison: list[int] = dataclasses.field(default_factory=list)  # global micro-batch ordinals whose loss is NaN
     delay: float = 0.0  # seconds slept per micro-batch (lets a test kill the run mid-way)
+    unreadable: list[int] = dataclasses.field(default_factory=list)  # global ordinals whose reading raises OSError
 
 
 class ToyModel(nn.Module):
@@ -95,6 +96,8 @@ class ToyData:
             index = order[i * self.world + self.rank]
             ordinal = (self.epoch * self.local_len + i) * self.world + self.rank
             self.position += 1  # before yielding: state_dict() then names the next micro-batch
+            if ordinal in self.spec.unreadable:
+                raise OSError(f"micro-batch {ordinal} cannot be read (simulated data error on rank {self.rank})")
             batch = toy_batch(index, self.spec)
             batch["poison"] = torch.tensor(1.0 if ordinal in self.spec.poison else 0.0)
             batch["num_samples"] = self.spec.batch

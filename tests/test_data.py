@@ -345,6 +345,33 @@ def test_mixing_is_per_sample_and_every_image_is_used_once_per_epoch():
         PretrainData(fake, vids, video_prob=1.5, check_sources=False)
 
 
+def test_variable_frame_rate_video_is_sampled_by_presentation_time(tmp_path):
+    """2 s at 10 fps, then 5 s at 2 fps: a 1-frame-per-second clip must show what is on screen at each second
+    (a frame-index rule picks later frames in the slow half)."""
+    import fractions
+
+    starts_ms = [100 * k for k in range(20)] + [2000 + 500 * k for k in range(10)]
+    path = str(tmp_path / "vfr.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0", "preset": "ultrafast"}
+        stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
+        for k, start in enumerate(starts_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), _level(k), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = start, fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    info = probe_video(path)
+    frames, indices = read_clip(path, 7, fps=1.0)
+    seconds = [i / info.fps for i in indices]  # index i is the moment i / fps
+    on_screen = [max(k for k, start in enumerate(starts_ms) if start <= 1000 * t + 1e-6) for t in seconds]
+    assert [_frame_number(f) for f in frames] == on_screen
+    assert seconds[-1] - seconds[0] == pytest.approx(6.0, abs=0.5 / info.fps)  # 7 frames 1 s apart in real time
+
+
 # ------------------------------------------------------------------------------------- workers, resume, ranks
 
 def test_same_batches_with_zero_and_two_workers(numbered_images, videos, tmp_path):
@@ -436,11 +463,39 @@ def test_corrupt_truncated_and_empty_files_are_skipped_counted_and_logged(tmp_pa
     bad = {str(corrupt), str(empty), str(truncated), cut, str(vdir / "zero.mp4")}
     assert set(data.skipped_files) == bad
     messages = [r.getMessage() for r in caplog.records if "skipped unreadable" in r.getMessage()]
-    assert len(messages) == data.num_skipped >= len(bad)
+    assert len(messages) == data.num_skipped_files == len(bad) and data.num_skipped >= len(bad)  # logged once each
     for path in bad:
         assert any(path in m for m in messages)
     assert "0 bytes" in data.skipped_files[str(empty)] and "truncated" in data.skipped_files[str(truncated)]
     assert ok_video not in data.skipped_files
+
+
+def test_a_file_found_unreadable_is_not_decoded_again(numbered_images, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    items = numbered_images[:6] + [(str(bad), 99)]
+    kw = dict(resolution=RES, tokens_per_batch=64, seed=3, epochs=3, check_sources=False)
+    reference = list(PretrainData(items, **kw))
+    data = PretrainData(items, **kw)
+    decoded = []
+    load = type(data.images).load
+    monkeypatch.setattr(type(data.images), "load", lambda self, i: decoded.append(i) or load(self, i))
+    first = _take(data, 2)  # epoch 0 (7 images, 4 per micro-batch) meets the bad file
+    state = data.state_dict()
+    resumed = PretrainData(items, **kw)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    _same_batches(first + rest, reference)  # replaced by the same item as when it is decoded each time
+    assert decoded.count(6) == 1  # three epochs, one decode: the resumed pipeline knew it from the state
+    assert data.num_skipped == 1 and resumed.num_skipped == 3 and set(resumed.skipped_files) == {str(bad)}
+
+
+def test_a_missing_data_path_says_it_does_not_exist(tmp_path):
+    for spec, kind in ((tmp_path / "nope", "image"), (tmp_path / "nope.jpg", "image"), (tmp_path / "nope.mp4", "video"),
+                       (tmp_path / "videos", "video"), (tmp_path / "list.txt", "video")):
+        make = image_source if kind == "image" else video_source
+        with pytest.raises(ValueError, match=f"{kind} source {spec} does not exist"):
+            make(str(spec))
 
 
 def test_empty_folder_and_unreadable_source_raise_clear_errors(tmp_path):

@@ -168,10 +168,32 @@ def test_config_from_yaml_with_overrides_and_errors(tmp_path):
         TrainConfig.from_dict({"max_steps": 3})
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides({}, ["train.max_steps"])
-    with pytest.raises(ValueError, match="warmup_steps"):
-        TrainConfig(output_dir="o", max_steps=3, warmup_steps=5)
+    for key in ("learning_rate", "weight_decay", "adam_eps", "max_grad_norm", "peak_flops"):
+        with pytest.raises(ValueError, match=f"TrainConfig.{key}=inf is invalid: expected a finite"):
+            TrainConfig.from_dict({"output_dir": "o", "max_steps": 3, key: "inf"})
     with pytest.raises(ValueError, match="deepspeed_config.*not a file"):
         TrainConfig(output_dir="o", max_steps=3, deepspeed_config=str(tmp_path / "missing.json"))
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_notice(caplog):
+    with caplog.at_level("WARNING", logger="arlow.training"):
+        cfg = TrainConfig(output_dir="o", max_steps=4, warmup_steps=30)
+    assert cfg.warmup_steps == 4
+    assert [r.getMessage() for r in caplog.records] == [
+        "arlow: warmup_steps=30 exceeds max_steps=4; warming up over all 4 steps (lower train.warmup_steps to "
+        "silence this)"]
+    assert WarmupCosine(cfg.warmup_steps, 4)(3) == 1.0  # the last step reaches the peak lr
+
+
+def test_cpu_training_tells_deepspeed_its_accelerator(tmp_path):
+    pytest.importorskip("deepspeed")
+    code = ("import torch; from arlow.training import TrainConfig; from arlow.training.distributed import "
+            "build_accelerator; build_accelerator(TrainConfig(output_dir='o', max_steps=1), torch.nn.Linear(2, 2)); "
+            "from deepspeed.accelerator import get_accelerator; print(get_accelerator().device_name())")
+    env = {k: v for k, v in _toy_env().items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in proc.stderr  # no warning to cut through the progress bar
 
 
 def test_fp16_refused_on_cpu(tmp_path):
@@ -240,7 +262,7 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path):
     assert all(v.dtype == torch.float32 for v in w16.values())  # autocast keeps fp32 master weights
     diff = max((w32[n] - w16[n]).abs().max().item() for n in w32)
     assert 0 < diff < 2e-2  # bf16 matmuls were used (not identical) and the result is close
-    assert s16["loss"] == pytest.approx(s32["loss"], rel=0.05)
+    assert s16["last_step_loss"] == pytest.approx(s32["last_step_loss"], rel=0.05)
 
 
 # ---------------------------------------------------------------- non-finite losses
@@ -268,7 +290,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
 def test_persistent_nonfinite_loss_stops_with_message(tmp_path):
     spec = ToySpec(poison=list(range(4, 100)))
     cfg = make_config(tmp_path, max_steps=20, save_every=1, keep_last=0, max_consecutive_nonfinite=3)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite \(NaN/inf\) for 3 consecutive steps \(5..7\)"):
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf for 3 steps in a row \(5..7.*checkpoint-6.*--resume latest"):
         train_toy(cfg, spec)
     steps = [s for s, _ in list_checkpoints(cfg.output_dir)]
     assert steps == [1, 2, 3, 4, 5, 6]  # nothing after the stop
@@ -295,6 +317,7 @@ def test_json_log_fields_tensorboard_hook_and_pruning(tmp_path):
     calls = []
 
     def hook(path, model):
+        # inside the temporary folder, before trainer_state.json and the rename: the hook's files are part of it
         calls.append((Path(path).name, (Path(path) / "trainer_state.json").is_file(), type(model).__name__))
 
     cfg = make_config(tmp_path, max_steps=5, warmup_steps=2, min_lr_ratio=0.1, save_every=2, keep_last=2, tensorboard=True)
@@ -314,8 +337,49 @@ def test_json_log_fields_tensorboard_hook_and_pruning(tmp_path):
         assert r["mfu"] == pytest.approx(flops / r["step_time"] / measure_matmul_peak(torch.float32, "cpu"), rel=1e-6)
     assert all(a["elapsed"] < b["elapsed"] for a, b in zip(records, records[1:]))
     assert list((Path(cfg.output_dir) / "tensorboard").glob("events.out.tfevents.*"))
-    assert calls == [("checkpoint-2", True, "ToyModel"), ("checkpoint-4", True, "ToyModel"), ("checkpoint-5", True, "ToyModel")]
+    assert calls == [(f".tmp-checkpoint-{s}", False, "ToyModel") for s in (2, 4, 5)]
     assert [s for s, _ in list_checkpoints(cfg.output_dir)] == [4, 5]  # keep_last=2
+
+
+def test_checkpoint_appears_only_with_what_its_hook_wrote_and_resume_prunes(tmp_path):
+    def hook(path, model):
+        if path.name.endswith("-4"):
+            raise OSError("killed while exporting (simulated)")
+        (path / "export.txt").write_text(path.name)
+
+    cfg = make_config(tmp_path, max_steps=6, save_every=2, keep_last=0)
+    with pytest.raises(OSError, match="simulated"):
+        train_toy(cfg, on_checkpoint=hook)
+    out = Path(cfg.output_dir)
+    assert [s for s, _ in list_checkpoints(out)] == [2] and not (out / "checkpoint-4").exists()
+    assert (out / "checkpoint-2" / "export.txt").read_text() == ".tmp-checkpoint-2"
+
+    _, summary = train_toy(make_config(tmp_path, max_steps=6, save_every=1, keep_last=0, resume="latest"))
+    assert summary["resumed_from"].endswith("checkpoint-2") and len(list_checkpoints(out)) == 5
+    # killed after the last rename, before pruning: the resumed run prunes first, even with nothing left to train
+    (out / ".trash-checkpoint-2").mkdir()  # and a crash mid-delete left a trash folder behind
+    (out / ".trash-checkpoint-2" / "x").write_text("x")
+    with pytest.warns(UserWarning, match="changed settings.*keep_last"):
+        train_toy(make_config(tmp_path, max_steps=6, save_every=1, keep_last=2, resume="latest"))
+    assert [s for s, _ in list_checkpoints(out)] == [5, 6]
+
+
+def test_skipped_files_reach_the_summary_log_and_trainer_state(tmp_path):
+    class SkippingData(ToyData):
+        @property
+        def num_skipped_files(self):  # as PretrainData counts them: one more unreadable file every 3 micro-batches
+            return (self.epoch * self.local_len + self.position) // 3
+
+    cfg = make_config(tmp_path, max_steps=4, save_every=2, keep_last=0)
+    _, summary = train_toy(cfg, data=SkippingData(ToySpec()))
+    records = read_log(Path(cfg.output_dir) / "log.jsonl")
+    assert summary["skipped_files"] == 1 and summary["last_step_loss"] == summary["last_logged_loss"]  # log_every=1
+    assert summary["last_logged_loss"] == records[-1]["loss"]
+    assert [r["skipped_files"] for r in records] == [0, 0, 1, 1]
+    states = [json.loads((Path(cfg.output_dir) / f"checkpoint-{s}" / "trainer_state.json").read_text()) for s in (2, 4)]
+    assert [s["skipped_files"] for s in states] == [0, 1]
+    _, plain = train_toy(make_config(tmp_path / "plain"))
+    assert plain["skipped_files"] is None  # data that does not count skips
 
 
 def test_crash_while_writing_checkpoint_leaves_previous_and_resume_is_exact(tmp_path):
@@ -359,12 +423,34 @@ def test_resume_resolution(tmp_path):
     assert summary["resumed_from"].endswith("checkpoint-1") and summary["step"] == 3
     with pytest.raises(ValueError, match="not a directory"):
         train_toy(make_config(tmp_path, resume=str(tmp_path / "nope")))
-    with pytest.raises(ValueError, match="already holds checkpoints.*resume='latest'"):
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume latest"):
         train_toy(make_config(tmp_path, max_steps=3))  # a fresh run must not mix with an earlier one
     bogus = tmp_path / "checkpoint-9"
     bogus.mkdir()
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         train_toy(make_config(tmp_path, resume=str(bogus)))
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: the code a tampered checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("planted", ["scheduler.pt", "data_state_0.pt", "random_states_0.pkl", "optimizer.bin"])
+def test_resume_refuses_a_planted_pickle_payload(tmp_path, planted):
+    cfg = make_config(tmp_path, max_steps=2, save_every=2)
+    train_toy(cfg)
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Payload(marker)}, Path(cfg.output_dir) / "checkpoint-2" / planted)
+    where = planted if planted != "optimizer.bin" else "the accelerate state in .*optimizer.bin"
+    with pytest.raises(ValueError, match=f"refusing to load .*{where}.*could run code \\(it calls "):
+        train_toy(make_config(tmp_path, max_steps=3, resume="latest"))
+    assert not marker.exists()
 
 
 def _toy_yaml(path, output_dir, **train):
@@ -491,7 +577,7 @@ def test_a_step_reads_the_device_once_whatever_the_accumulation(tmp_path, monkey
 
         trainer._train_step = counted_step
         summary = trainer.train()
-        assert summary["step"] == 3 and math.isfinite(summary["loss"])
+        assert summary["step"] == 3 and math.isfinite(summary["last_step_loss"])
     # steps 1 and 2 are not logged (log_every=100); step 3 is the last, timed and logged
     for k in (1, 4):
         assert [len(c) for c in per_step[k][:2]] == [1, 1], per_step[k]

@@ -137,3 +137,16 @@ def test_deepspeed_zero2_two_processes_match_one_process(tmp_path, reference):
     full = load_file(str(ckpt / "model.safetensors"))  # plus the consolidated fp32 weights
     final = load_file(str(tmp_path / "zero2" / "final.safetensors"))
     assert full.keys() == final.keys() and all(torch.equal(full[n], final[n]) for n in final)
+
+
+def test_a_data_error_on_one_rank_stops_every_rank(tmp_path):
+    # Ordinal 5 is rank 1's 3rd micro-batch. Without the engine's data check rank 0 would wait for rank 1 in the
+    # loss all-reduce until gloo's 30-minute timeout.
+    config = _write_config(tmp_path, "dataerror", gradient_accumulation_steps=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(TOY_SCRIPT), str(config), "toy.poison=[]", "toy.unreadable=[5]"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "micro-batch 5 cannot be read (simulated data error on rank 1)" in proc.stderr
+    assert "stopping at step 3: 1 other process(es) could not read their data" in proc.stderr

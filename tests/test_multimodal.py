@@ -540,6 +540,8 @@ def test_assembly_copies_every_source_weight(tmp_path, processor, media):
         warnings.simplefilter("always")
         out = create_model(tmp_path / "vlm", vision_encoder=checkpoint, text_model=text_dir)
     assert any("built-in tokenizer" in str(w.message) for w in caught)  # the text folder had none
+    assert out.stat().st_mode & 0o777 == 0o755  # readable by others, weights included
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir() if f.is_file())
     vlm = AutoModelForImageTextToText.from_pretrained(out).eval()
     for name, value in encoder.state_dict().items():
         assert torch.equal(vlm.model.visual.state_dict()[name], value), name
@@ -612,3 +614,30 @@ def test_flop_formulas_count_every_decoder_matrix():
     assert vlm_forward_flops(model.config, 10, [16, 64]) == \
         decoder_forward_flops(text, 10) + vision_forward_flops(model.config.vision_config, [16, 64])
     assert vlm_forward_flops(model.config, 10, []) == decoder_forward_flops(text, 10)
+
+
+def test_bad_inputs_get_one_clear_error(model, processor, media):
+    prompt = processor(text="hi", return_tensors="pt")
+    for ids, message in ((torch.tensor([[1, VOCAB + 5]]), f"token id {VOCAB + 5}, outside the vocabulary \\[0, {VOCAB}\\)"),
+                         (torch.tensor([[1, -3]]), "token id -3, outside the vocabulary"),
+                         (torch.zeros(1, 0, dtype=torch.long), r"input_ids is empty \(shape \(1, 0\)\)"),
+                         (torch.zeros(0, 5, dtype=torch.long), r"input_ids is empty \(shape \(0, 5\)\)")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(input_ids=ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        model.generate(**processor(text="", return_tensors="pt"), max_new_tokens=2)
+    assert prompt["input_ids"].numel() > 0
+    with pytest.raises(ValueError, match="images='' is empty: to process a prompt pass it as text="):
+        processor("")
+    with pytest.raises(ValueError, match=r"text=\[\] holds no prompt"):
+        processor(text=[])
+    with pytest.raises(ValueError, match="the conversation is empty"):
+        processor.apply_chat_template([], tokenize=True, return_dict=True)
+    audio = [{"role": "user", "content": [{"type": "audio", "path": "x.wav"}, {"type": "text", "text": "hi"}]}]
+    with pytest.raises(ValueError, match="audio content is not supported"):
+        processor.apply_chat_template(audio, tokenize=True, return_dict=True)
+    inputs = processor.apply_chat_template(conversation(f"image={media['square']}", "text:hi"), tokenize=True,
+                                           return_dict=True, return_tensors="pt", add_generation_prompt=True)
+    inputs["pixel_values"] = torch.full_like(inputs["pixel_values"], float("nan"))
+    with pytest.raises(ValueError, match="pixel_values hold NaN or inf values"):
+        model.generate(**inputs, max_new_tokens=2)

@@ -251,6 +251,13 @@ def test_errors_not_an_encoder(folder, tmp_path, capsys):
     assert "is not a vision encoder" in err and "model_type 'arlow_vision'" in err and "'bert'" in err
 
 
+def test_usage_errors_name_the_cli_flags(folder, config_json, capsys):
+    assert main(["probe", "--dataset", str(folder), "--no-progress"]) == 2
+    assert "ENCODER folder (encoder=) and --random-init" in capsys.readouterr().err
+    assert main(["probe", "--random-init", str(config_json), "--train", str(folder), "--no-progress"]) == 2
+    assert "either --dataset (dataset=, split with --seed) or both --train and --test" in capsys.readouterr().err
+
+
 def test_errors_one_class_empty_and_unreadable(config_json, tmp_path):
     one = tmp_path / "one" / "only"
     one.mkdir(parents=True)

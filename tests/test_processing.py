@@ -264,6 +264,35 @@ def test_video_sampling_by_count_fps_and_cap(clip_path):
     assert proc(level_frames(4), video_metadata={"fps": 10})["video_grid_thw"].tolist() == [[1, 4, 4]]
 
 
+def test_variable_frame_rate_video_is_sampled_by_presentation_time(tmp_path):
+    """Frames 0-7 at 10 fps, then 8-12 at 2 fps (13 frames over 3.3 s): sampling at 2 fps gives what is on screen
+    every half second, with its real presentation time."""
+    import fractions
+
+    import av
+
+    starts_ms = [100 * k for k in range(8)] + [800 + 500 * k for k in range(5)]
+    path = str(tmp_path / "vfr.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0", "preset": "ultrafast"}
+        stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
+        for k, (array, start) in enumerate(zip(level_frames(13), starts_ms)):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = start, fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    frames, meta = load_video(path, fps=2)
+    moments = [i / meta.fps for i in meta.frames_indices]  # index i is the moment i / fps
+    on_screen = [max(k for k, start in enumerate(starts_ms) if start <= 1000 * t + 1e-6) for t in moments]
+    assert [frame_index(f) for f in frames] == on_screen
+    assert meta.timestamps == pytest.approx([starts_ms[k] / 1000 for k in on_screen])
+    assert len(set(on_screen)) == len(on_screen) > 3  # the slow half is not skipped over
+
+
 @pytest.mark.parametrize("num_frames, grid_t", [(1, 1), (2, 1), (3, 2), (5, 3)])
 def test_odd_and_single_frame_videos_pad_with_last_frame(num_frames, grid_t):
     frames = np.stack([random_rgb(56, 56, seed=i) for i in range(num_frames)])
@@ -405,7 +434,7 @@ def test_chat_template_exact_string_and_assistant_mask(processor):
         "<|im_start|>assistant\n"
     )
     assert processor.apply_chat_template(conversation[:1]) == "<|im_start|>system\nYou are brief.<|im_end|>\n"
-    with pytest.raises(Exception, match="content blocks must be"):
+    with pytest.raises(Exception, match="audio content is not supported"):
         processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}])
 
 

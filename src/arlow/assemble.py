@@ -39,6 +39,7 @@ from .modeling.multimodal import ArlowForConditionalGeneration
 from .modeling.text import ArlowForCausalLM
 from .processing import ArlowImageProcessor, ArlowProcessor, ArlowVideoProcessor, load_default_tokenizer
 from .processing.tokenizer import EOS_TOKEN, MULTIMODAL_SPECIAL_TOKENS, NAMED_MULTIMODAL_TOKENS, default_chat_template
+from .training.checkpoint import share_modes
 
 __all__ = ["PRESETS", "build_preset", "assemble", "save_model_dir", "create_model", "run"]
 
@@ -299,7 +300,7 @@ def save_model_dir(model, processor: ArlowProcessor, output: str | Path, *, over
             model = model.to(dtype)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared like any other
+        share_modes(tmp)  # mkdtemp and save_pretrained make it private; a model folder is meant to be shared
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)

@@ -165,9 +165,11 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arlow", description="Arlow vision-language models: train, export, evaluate.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text, add_arguments) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         p.set_defaults(_module=module)
         add_arguments(p)
     return parser
@@ -186,6 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"command {args.command!r} is unavailable: {err}")
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # bad configs and inputs: say what is wrong, no traceback
-        print(f"arlow {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, KeyboardInterrupt) as err:  # bad configs and inputs, Ctrl-C: one line
+        if args.debug:
+            raise
+        interrupted = isinstance(err, KeyboardInterrupt)
+        print(f"arlow {args.command}: {'' if interrupted else 'error: '}{err or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        return 130 if interrupted else 2
+    except RuntimeError as err:
+        # looked up, not imported: parsing stays free of torch, and a command that never imported the engine
+        # cannot have raised its TrainingStopped
+        stopped = getattr(sys.modules.get("arlow.training.engine"), "TrainingStopped", ())
+        if args.debug or not isinstance(err, stopped):
+            raise
+        print(f"arlow {args.command}: {err}", file=sys.stderr)  # NaN/inf losses, a data error on another process
+        return 1

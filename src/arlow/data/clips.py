@@ -1,6 +1,7 @@
 """Clips of N frames out of video files, decoded with PyAV.
 
-``clip_indices`` chooses which frames (a pure function of the video's length and fps and the random draw);
+``clip_indices`` chooses which moments (frame indices on the grid ``time x fps``: a pure function of the video's
+length and fps and the random draw);
 ``read_frames`` decodes exactly those frames, seeking close to the first one so a clip near the end of a long
 video does not decode the whole file (video decoding is the usual bottleneck of video MAE).
 """
@@ -101,8 +102,9 @@ def clip_indices(total_frames: int, video_fps: float, num_frames: int, *, stride
 def read_frames(path: str, indices: Sequence[int], seek: bool = True) -> list[Image.Image]:
     """Decode the frames at ``indices`` (any order, repeats allowed) as RGB PIL images.
 
-    A frame's index is its presentation time times the fps, so seeking is exact for constant-frame-rate video;
-    a wanted index is served by the first frame at or after it. If the stream ends a couple of frames early
+    Index ``i`` stands for presentation time ``i / fps`` and is served by the frame on screen at that time (the
+    last one starting at or before it): frame ``i`` of a constant-frame-rate video, and the right moment of a
+    variable-frame-rate one (sampling keeps real time). If the stream ends a couple of frames early
     (containers often over-count by one or two) the last frame stands in; a stream that ends well before the
     wanted frames is a truncated file and raises ``UnreadableMediaError``. ``seek=False`` decodes from the start
     (for containers whose seeking misbehaves).
@@ -147,30 +149,34 @@ def _decode(container, path: str, indices: Sequence[int], info: VideoInfo, seek:
     stream = container.streams.video[0]
     time_base = float(stream.time_base) if stream.time_base else None
     origin = stream.start_time or 0
+    # Index i means presentation time i / fps; it is served by the frame on screen then: the last one that starts at
+    # or before it. Constant frame rate: frame i itself. Variable frame rate: the clip keeps its timing.
+    times = [i / info.fps for i in wanted]
+    tolerance = 0.5 * time_base if time_base else 1e-6  # half a tick: equal times compare equal
     got: dict[int, Image.Image] = {}
     last_index, last_frame = -1, None
     try:
-        if seek and time_base and wanted[0] > 2 * info.fps:  # land on the keyframe at or before the first frame
-            target = origin + int((wanted[0] - 0.5) / info.fps / time_base)
-            container.seek(max(origin, target), stream=stream, backward=True, any_frame=False)
+        if seek and time_base and wanted[0] > 2 * info.fps:  # land on the keyframe at or before the first time
+            container.seek(origin + int(times[0] / time_base), stream=stream, backward=True, any_frame=False)
         pointer = 0
         for counter, frame in enumerate(container.decode(stream)):
             if frame.pts is not None and time_base:
-                index = int(math.floor((frame.pts - origin) * time_base * info.fps + 0.5))
+                time = (frame.pts - origin) * time_base
             else:
-                index = counter
-            if wanted[pointer] <= index:
-                image = convert(frame)
-                while pointer < len(wanted) and wanted[pointer] <= index:
+                time = counter / info.fps
+            if last_frame is not None and times[pointer] < time - tolerance:
+                image = convert(last_frame)  # the previous frame was on screen at these times
+                while pointer < len(wanted) and times[pointer] < time - tolerance:
                     got[wanted[pointer]] = image
                     pointer += 1
-            last_index, last_frame = index, frame
             if pointer == len(wanted):
                 break
+            last_frame = frame
+            last_index = int(math.floor(time * info.fps + 0.5))
     except Exception as error:  # corrupt packets, decoder errors
         raise UnreadableMediaError(f"error decoding video {path}: {type(error).__name__}: {error}") from error
     missing = [i for i in wanted if i not in got]
-    if missing:
+    if missing:  # times at or after the last frame's start (it stays on screen), or a stream that ended early
         if last_frame is None:
             raise UnreadableMediaError(f"video {path}: no frame could be decoded")
         slack = max(2, int(0.02 * info.num_frames))

@@ -405,6 +405,9 @@ def image_source(spec, **kwargs) -> ImageSource:
         return TarShards(text)
     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
         return ImageList([text])
+    if not path.exists():
+        raise ValueError(f"image source {text} does not exist: give an existing folder, datasets folder, .tar "
+                         f"shard(s) or image file")
     raise ValueError(
         f"cannot tell what image source {text!r} is: give a folder of images (root/class/x.jpg or flat), a folder "
         f"saved by datasets' save_to_disk, .tar shard(s) (path, glob or data-{{000..009}}.tar), or a list of paths"
@@ -419,6 +422,8 @@ def video_source(spec) -> VideoList:
     if isinstance(spec, (list, tuple)):
         return VideoList(spec)
     path = Path(str(spec))
+    if not path.exists():
+        raise ValueError(f"video source {path} does not exist: give an existing folder, list file or video file")
     if path.is_dir():
         return VideoList.from_folder(path)
     if path.suffix.lower() in (".txt", ".csv", ".lst", ".list"):

@@ -60,9 +60,11 @@ def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: in
     """
     started = time.time()
     if (encoder is None) == (random_init is None):
-        raise ValueError("give exactly one of an encoder (folder or model) and random_init (config JSON or recipe)")
+        raise ValueError("give exactly one of an ENCODER folder (encoder=) and --random-init CONFIG.json|RECIPE "
+                         "(random_init=)")
     if (dataset is None) == (train is None and test is None) or (train is None) != (test is None):
-        raise ValueError("give either dataset= (split with a seed) or both train= and test= (given splits)")
+        raise ValueError("give either --dataset (dataset=, split with --seed) or both --train and --test (train=, "
+                         "test=: given splits)")
     if random_init is not None:
         model, described = random_encoder(random_init, init_seed)
     elif isinstance(encoder, (str, Path)):

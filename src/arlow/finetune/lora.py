@@ -24,6 +24,7 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 
 from ..modeling.multimodal import ArlowForConditionalGeneration
+from ..training.config import check_keys
 from .freezing import _plain_name, group_of
 
 __all__ = ["LORA_TARGETS", "LoraSettings", "apply_lora", "save_adapter", "load_adapter", "merge_adapter",
@@ -79,10 +80,7 @@ class LoraSettings:
     @classmethod
     def from_dict(cls, values: dict | None) -> "LoraSettings":
         values = dict(values or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown lora setting(s) {sorted(unknown)}; valid: {sorted(known)}")
+        check_keys("lora", values, list(cls.__dataclass_fields__))
         return cls(**values)
 
     def target_modules(self):

@@ -217,6 +217,9 @@ class ArlowModel(ArlowPreTrainedModel):
                     f"{grid_name} {grid.tolist()} describes {rows} patch rows (sum of t*h*w) but {pixels_name} has "
                     f"{pixel_values.shape[0]} rows; pass the grid that came with these pixels"
                 )
+        if isinstance(pixel_values, torch.Tensor) and not torch.isfinite(pixel_values).all():
+            raise ValueError(f"{pixels_name} hold NaN or inf values: the {kind} data is broken (check the arrays or "
+                             "tensors given to the processor, or your own preprocessing)")
         # checks the remaining shapes with its own messages
         if output_hidden_states is None:
             output_hidden_states = self.config.vision_config.output_hidden_states
@@ -410,6 +413,7 @@ class ArlowModel(ArlowPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, S) or inputs_embeds (B, S, hidden)")
         if inputs_embeds is None:
+            _check_token_ids(input_ids, self.get_input_embeddings().num_embeddings)
             inputs_embeds = self.get_input_embeddings()(input_ids)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
 
@@ -584,6 +588,9 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
         padding mask) the rotary embedding. ``rope_deltas`` are cached on ``self.model`` like a direct prefill does.
         """
         ids = model_kwargs.get("input_ids")
+        given = ids if ids is not None else inputs_tensor
+        if given is not None and (given.numel() == 0 or not given.is_floating_point()):  # an empty prompt is float
+            _check_token_ids(given, self.get_input_embeddings().num_embeddings)
         if ids is None or ids.shape[1] == 0:
             ids = inputs_tensor
         batch, seq = ids.shape[:2]
@@ -645,3 +652,15 @@ def vlm_forward_flops(config: ArlowConfig, text_tokens: int, vision_lengths: lis
     if vision_lengths:
         flops += vision_forward_flops(config.vision_config, vision_lengths)
     return flops
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse an empty ``input_ids (B, S)`` and ids outside ``[0, vocab_size)`` with a message, not an IndexError."""
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one prompt with at least "
+                         "one token (an empty prompt string tokenizes to nothing)")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {vocab_size}): were they made "
+                         "by another tokenizer? Use this model's processor or tokenizer")

@@ -15,8 +15,10 @@ every rank, so nothing depends on the number of workers or processes):
    round of a finite run may borrow up to ``W - 1`` micro-batches of the next epoch).
 4. A worker builds a micro-batch from its list of samples: decode, crop/flip with a generator seeded by
    ``(seed, epoch, k)``, normalise, patchify. A file that cannot be read is replaced by the next readable item
-   of the same source (same cost), and reported to the main process, which logs the path and reason and
-   counts it (``num_skipped``, ``skipped_files``).
+   of the same source (same cost), and reported to the main process, which logs the path and reason once and
+   counts it (``num_skipped`` replacements, ``skipped_files`` distinct files). A file found unreadable is not
+   decoded again: the main process and every worker remember it (and so does ``state_dict()``), so later epochs
+   replace it at once, with the same result.
 
 ``state_dict()`` is ``{"epoch", "position"}``: the global micro-batch where the next round starts, identical on
 every rank (so a run may even resume with a different number of processes), plus a fingerprint of everything
@@ -69,7 +71,7 @@ class _SampleMaker:
     """Turns a list of sample specs into a micro-batch; lives in DataLoader workers (picklable, stateless).
 
     A spec is ``(kind, source_index, epoch, k)``; the returned value is ``(batch, skipped, cursor_after)`` where
-    ``skipped`` lists ``(name, reason)`` of files that were replaced.
+    ``skipped`` lists ``(kind, index, name, reason)`` of files that were replaced.
     """
 
     def __init__(self, pipeline: "PretrainData"):
@@ -78,6 +80,8 @@ class _SampleMaker:
                      "clip_frames", "frame_stride", "clip_fps", "mean", "std", "patch_size", "temporal_patch_size",
                      "merge_size", "with_labels"):
             setattr(self, name, getattr(pipeline, name))
+        # (kind, index) -> reason of files known to be unreadable; in a worker, its own copy keeps growing
+        self.unreadable = pipeline._unreadable
 
     def __getitem__(self, task):
         specs, cursor_after = task
@@ -97,15 +101,19 @@ class _SampleMaker:
         for attempt in range(attempts):
             current = (index + attempt) % len(source)
             rng = _rng(self.seed, epoch, k, attempt, _SAMPLE)
-            try:
-                frames = self.load(kind, current, rng)
-            except UnreadableMediaError as error:
-                skipped.append((source.name(current), str(error)))
+            reason = self.unreadable.get((kind, current))
+            if reason is None:
+                try:
+                    frames = self.load(kind, current, rng)
+                except UnreadableMediaError as error:
+                    reason = self.unreadable[(kind, current)] = str(error)
+            if reason is not None:
+                skipped.append((kind, current, source.name(current), reason))
                 continue
             rows, grid = self.to_patches(frames, rng)
             return rows, grid, source.label(current)
         raise RuntimeError(
-            f"{attempts} files in a row could not be read from {source!r} (last: {skipped[-1][1]}); the data "
+            f"{attempts} files in a row could not be read from {source!r} (last: {skipped[-1][3]}); the data "
             f"changed since start-up or is mostly unreadable: check it"
         )
 
@@ -241,6 +249,7 @@ class PretrainData:
 
         self.num_skipped = 0
         self.skipped_files: dict[str, str] = {}
+        self._unreadable: dict[tuple[int, int], str] = {}
         self._epoch, self._position = 0, 0
         self._plans: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
@@ -353,11 +362,14 @@ class PretrainData:
             )
             results = iter(loader)
         for batch, skipped, after in results:
-            for name, reason in skipped:
+            for kind, index, name, reason in skipped:
                 self.num_skipped += 1
-                self.skipped_files[name] = reason
-                logger.warning("skipped unreadable file %s: %s (%d skipped so far; the next readable item of the "
-                               "same source took its place)", name, reason, self.num_skipped)
+                self._unreadable[(kind, index)] = reason
+                if name not in self.skipped_files:
+                    self.skipped_files[name] = reason
+                    logger.warning("skipped unreadable file %s: %s (%d distinct files skipped so far; the next "
+                                   "readable item of the same source takes its place, in every epoch)", name, reason,
+                                   len(self.skipped_files))
             self._epoch, self._position = after
             yield batch
 
@@ -376,7 +388,14 @@ class PretrainData:
     def state_dict(self) -> dict:
         """Where the next round of micro-batches starts (the same on every rank) and what shaped the plan."""
         return {"epoch": self._epoch, "position": self._position, "num_skipped": self.num_skipped,
+                "skipped_files": dict(self.skipped_files),
+                "unreadable": [[kind, index, reason] for (kind, index), reason in sorted(self._unreadable.items())],
                 "fingerprint": self._fingerprint()}
+
+    @property
+    def num_skipped_files(self) -> int:
+        """Distinct files found unreadable so far (the training engine reports it)."""
+        return len(self.skipped_files)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was taken. Raises ``ValueError`` if the data settings changed."""
@@ -396,6 +415,8 @@ class PretrainData:
                              f"({self.epoch_size(epoch)} micro-batches)")
         self._epoch, self._position = epoch, position
         self.num_skipped = int(state.get("num_skipped", 0))
+        self.skipped_files = dict(state.get("skipped_files", {}))
+        self._unreadable = {(int(kind), int(index)): reason for kind, index, reason in state.get("unreadable", [])}
 
     def __repr__(self) -> str:
         return (f"PretrainData(images={self.images!r}, videos={self.videos!r}, resolution={self.resolution}, "

@@ -13,8 +13,8 @@
     pretrain_meta.json         step, resolution and the data settings the encoder was trained with
     README.md                  a short model card
 
-``arlow export CHECKPOINT [--output DIR]`` re-exports any checkpoint the training engine wrote (its
-``model.safetensors`` holds the whole MAE model) or any MAE model directory.
+``arlow export CHECKPOINT [--output DIR]`` re-exports any checkpoint the training engine wrote, from the engine
+state alone (its ``config.json`` + ``model.safetensors`` hold the whole MAE model), or any MAE model directory.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..modeling.vision import ArlowVLVisionModel
+from ..training.checkpoint import share_modes
 from ..processing.image import ArlowImageProcessor
 from ..processing.video import ArlowVideoProcessor
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining
 
 __all__ = ["export_checkpoint", "load_mae_checkpoint", "run"]
 
-MAE_CONFIG = "mae_config.json"  # written by the pretraining run into every engine checkpoint
+MAE_CONFIG = "mae_config.json"  # the MAE config in engine checkpoints of earlier versions (now config.json)
 
 
 def _processors(vision_config) -> tuple[ArlowImageProcessor, ArlowVideoProcessor]:
@@ -86,6 +87,7 @@ def export_checkpoint(model: ArlowMAEForPreTraining, checkpoint_dir: str | Path,
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=checkpoint_dir))
         try:
             write(tmp)
+            share_modes(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -114,7 +116,8 @@ def load_mae_checkpoint(path: str | Path) -> tuple[ArlowMAEForPreTraining, dict]
     """Rebuild the full MAE model (encoder + decoder) from any of:
 
     * an exported checkpoint (``vision_encoder/`` + ``mae_decoder/``),
-    * an engine checkpoint (``mae_config.json`` + the engine's ``model.safetensors`` of the whole model),
+    * an engine checkpoint (the engine's ``config.json`` + ``model.safetensors`` of the whole model; earlier
+      versions wrote ``mae_config.json``): the engine state alone, without the export,
     * a directory written by ``ArlowMAEForPreTraining.save_pretrained``.
 
     Returns the model (eval mode) and the pretraining metadata found (may be empty).

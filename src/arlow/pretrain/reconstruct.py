@@ -158,14 +158,14 @@ def side_by_side(paths: list[str | Path], labels: list[str], output: str | Path,
 
 
 def run(args: argparse.Namespace) -> int:
+    missing = [p for p in args.inputs if not Path(p).is_file()]
+    if missing:  # before the weights load: a typo should not cost the model's loading time
+        raise FileNotFoundError(f"--inputs {' '.join(missing)}: does not exist (give image or video files)")
     model, meta = load_mae_checkpoint(args.checkpoint)
     resolution = args.resolution or meta.get("resolution", 224)
     video_ext = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
     images = [p for p in args.inputs if Path(p).suffix.lower() not in video_ext]
     videos = [p for p in args.inputs if Path(p).suffix.lower() in video_ext]
-    for p in args.inputs:
-        if not Path(p).is_file():
-            raise SystemExit(f"arlow reconstruct: {p} does not exist")
     batches = []
     for source, kwargs in ((images, {"images": images}), (videos, {"videos": videos})):
         if source:

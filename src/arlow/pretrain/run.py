@@ -9,14 +9,14 @@ A recipe is a YAML file with four sections (see ``arlow/configs/pretrain/*.yaml`
 
 ``arlow pretrain`` with no ``--config`` runs the tiny demo recipe on the built-in media. Any value can be
 overridden on the command line with dotted keys: ``arlow pretrain train.max_steps=50 data.resolution=224``.
-At every checkpoint the run exports ``vision_encoder/``, the processors and ``mae_decoder/`` (see
-:mod:`arlow.pretrain.export`) and writes ``reconstructions.png``.
+Every checkpoint holds the export ``vision_encoder/``, the processors and ``mae_decoder/`` (see
+:mod:`arlow.pretrain.export`) and ``reconstructions.png``, written before the checkpoint is renamed into place.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -26,11 +26,13 @@ import torch
 from ..data.augment import image_normalisation
 from ..data.sources import builtin_media
 from ..training import TrainConfig, Trainer
+from ..configuration import ArlowVisionConfig
+from ..training.config import check_keys, init_keys
 from ..training.distributed import rank_and_world
 from ..training.recipes import load_recipe as load_recipe_tree
 from ..training.recipes import run_recipe_command
 from .data import IMAGE, VIDEO, PretrainData
-from .export import MAE_CONFIG, export_checkpoint, load_mae_checkpoint
+from .export import export_checkpoint, load_mae_checkpoint
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from .packing import collate_items
 from .plan import accumulation_for, check_plan, run_plan
@@ -45,8 +47,16 @@ SECTIONS = {"model": None, "data": None, "train": None, "reconstruct": None}
 
 def load_recipe(config: str | None = None, overrides: list[str] | None = None) -> dict:
     """The recipe tree (a YAML file or a recipe shipped in ``arlow/configs/pretrain/``; default ``tiny_demo``) after
-    overrides, with unknown top-level sections refused."""
-    return load_recipe_tree("pretrain", config or "tiny_demo", overrides, SECTIONS)
+    overrides, with unknown top-level sections and keys refused (naming the closest valid key)."""
+    tree = load_recipe_tree("pretrain", config or "tiny_demo", overrides, SECTIONS)
+    model = tree.get("model") or {}
+    check_keys("model", model, init_keys(ArlowMAEConfig, exclude=["vision_config"]) + ["vision", "attn_implementation"])
+    check_keys("model.vision", model.get("vision") or {}, init_keys(ArlowVisionConfig))
+    check_keys("data", tree.get("data") or {}, init_keys(PretrainData, exclude=["vision_config", "seed", "rank",
+                                                                                  "world_size"]) + ["tokens_per_step"])
+    check_keys("reconstruct", tree.get("reconstruct") or {}, ["num_items", "seed"])
+    check_keys("train", tree.get("train") or {}, [f.name for f in dataclasses.fields(TrainConfig)])
+    return tree
 
 
 def build_model(model_section: dict) -> ArlowMAEForPreTraining:
@@ -123,8 +133,8 @@ def pretrain(tree: dict) -> dict:
                  ("images", "videos", "resolution", "video_prob", "clip_frames", "frame_stride", "clip_fps")}
 
     def on_checkpoint(checkpoint_dir, unwrapped):
+        # Runs inside the checkpoint's temporary folder: the checkpoint appears with its export or not at all.
         step = int(str(Path(checkpoint_dir).name).split("-")[-1])
-        (Path(checkpoint_dir) / MAE_CONFIG).write_text(json.dumps(unwrapped.config.to_dict(), indent=2) + "\n")
         if next(unwrapped.parameters()).dtype != torch.float32:
             # DeepSpeed bf16/fp16 holds the module in low precision; export the fp32 master weights the engine
             # wrote to model.safetensors instead.

@@ -299,20 +299,42 @@ def _decode_pyav(handle, desc: str, indices_for) -> tuple[np.ndarray, VideoMetad
             raise MediaDecodeError(f"{desc} is not a readable video (not a video, corrupt, or truncated): "
                                    f"{err}") from None
 
-    def decode(container, stream, wanted: set[int]):
-        """Frames and presentation times (seconds after frame 0) of the wanted indices, and how many decoded."""
+    def decode(container, stream, wanted: set[int], fps: float | None):
+        """Frames and presentation times (seconds after frame 0) of the wanted indices, and how many decoded.
+
+        With a frame rate, index ``i`` is the moment ``i / fps`` and gets the frame on screen then (the last one
+        starting at or before it), so variable-frame-rate video is sampled in real time; constant-frame-rate video
+        gets frame ``i`` itself. Without one, index ``i`` is the ``i``-th decoded frame."""
         frames, times, seen, start = {}, {}, 0, None
-        last = max(wanted) if wanted else -1
+        order = sorted(wanted)
+        pointer, previous, previous_time = 0, None, None
+
+        def serve(frame, time, until: float) -> None:
+            """Give ``frame`` (starting at ``time``) to the wanted moments before ``until`` seconds."""
+            nonlocal pointer
+            array = frame.to_ndarray(format="rgb24")
+            while pointer < len(order) and order[pointer] / fps < until:
+                frames[order[pointer]], times[order[pointer]] = array, time
+                pointer += 1
+
         try:
             for frame in container.decode(stream):
                 if seen == 0:
                     start = frame.time
-                if seen in wanted:
-                    frames[seen] = frame.to_ndarray(format="rgb24")
-                    times[seen] = None if frame.time is None or start is None else frame.time - start
+                time = None if frame.time is None or start is None else frame.time - start
+                if fps is None or time is None:  # no timing: by decode count
+                    if seen in wanted:
+                        frames[seen], times[seen] = frame.to_ndarray(format="rgb24"), time
+                        pointer += 1
+                elif previous is not None and order[pointer] / fps < time - 1e-6:
+                    serve(previous, previous_time, time - 1e-6)  # on screen until this frame starts
+                previous, previous_time = frame, time
                 seen += 1
-                if seen > last:
+                if pointer == len(order):
                     break
+            else:
+                if previous is not None and fps is not None and previous_time is not None:
+                    serve(previous, previous_time, previous_time + 1e-6)  # moments at the last frame's start
         except av.error.FFmpegError as err:
             raise MediaDecodeError(f"{desc} could not be decoded past frame {seen}; it is corrupt or truncated "
                                    f"({err})") from None
@@ -331,7 +353,7 @@ def _decode_pyav(handle, desc: str, indices_for) -> tuple[np.ndarray, VideoMetad
         raise MediaDecodeError(f"{desc} has no frames")
     indices = indices_for(total, fps)
     with open_container() as container:
-        frames, times, seen = decode(container, container.streams.video[0], set(indices.tolist()))
+        frames, times, seen = decode(container, container.streams.video[0], set(indices.tolist()), fps)
     if len(frames) < len(indices):
         # Fewer frames decode than the container declares: a short count is tolerated, a big one is truncation.
         if seen == 0 or total - seen > max(2, 0.05 * total):
@@ -340,7 +362,7 @@ def _decode_pyav(handle, desc: str, indices_for) -> tuple[np.ndarray, VideoMetad
         total = seen
         indices = indices_for(total, fps)
         with open_container() as container:
-            frames, times, seen = decode(container, container.streams.video[0], set(indices.tolist()))
+            frames, times, seen = decode(container, container.streams.video[0], set(indices.tolist()), fps)
     stack = np.stack([frames[i] for i in indices.tolist()])
     kept = indices.tolist()
     if all(times[i] is not None for i in kept):

@@ -143,6 +143,11 @@ class ArlowProcessor(ProcessorMixin):
         """Process a prompt or a batch of prompts with their images and videos (see the class docstring)."""
         if images is None and text is None and videos is None:
             raise ValueError("ArlowProcessor needs text, images or videos")
+        if isinstance(images, str) and not images:
+            raise ValueError("images='' is empty: to process a prompt pass it as text=... (the first positional "
+                             "argument of the processor is images)")
+        if text is not None and not isinstance(text, str) and len(text) == 0:
+            raise ValueError("text=[] holds no prompt: give a string or a non-empty list of strings")
         merged = self._merge_kwargs(ArlowProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs, images_kwargs, videos_kwargs = (merged[k] for k in ("text_kwargs", "images_kwargs",
                                                                          "videos_kwargs"))
@@ -260,6 +265,7 @@ class ArlowProcessor(ProcessorMixin):
         processing_keys -= {"return_tensors"}  # apply_chat_template's own argument
         moved = {key: kwargs.pop(key) for key in list(kwargs) if key in processing_keys}
         processor_kwargs = {**moved, **(processor_kwargs or {})}
+        _check_conversation(conversation)
         self._in_chat_template = True
         try:
             return super().apply_chat_template(conversation, chat_template=chat_template,
@@ -308,3 +314,20 @@ class ArlowProcessor(ProcessorMixin):
             backend.no_truncation()
             backend.no_padding()
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+
+def _check_conversation(conversation) -> None:
+    """Refuse an empty conversation (or batch) and content blocks Arlow cannot take, before transformers would."""
+    if isinstance(conversation, (list, tuple)) and len(conversation) == 0:
+        raise ValueError("the conversation is empty: give a list of messages such as "
+                         "[{'role': 'user', 'content': [{'type': 'text', 'text': 'Hi'}]}]")
+    batch = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+    for messages in batch:
+        if isinstance(messages, (list, tuple)) and len(messages) == 0:
+            raise ValueError("a conversation of the batch is empty: every conversation needs at least one message")
+        for message in messages if isinstance(messages, (list, tuple)) else []:
+            content = message.get("content") if isinstance(message, dict) else None
+            for block in content if isinstance(content, list) else []:
+                kind = block.get("type") if isinstance(block, dict) else None
+                if kind in ("audio", "input_audio"):
+                    raise ValueError("audio content is not supported: Arlow models take text, images and videos")

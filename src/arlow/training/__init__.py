@@ -6,13 +6,15 @@
 
 from .config import TrainConfig, apply_overrides, load_yaml
 from .distributed import rank_and_world
-from .engine import NonFiniteLossError, Trainer
+from .engine import NonFiniteLossError, Trainer, TrainingInterrupted, TrainingStopped
 from .optim import WarmupCosine, build_param_groups
 
 __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "Trainer",
+    "TrainingInterrupted",
+    "TrainingStopped",
     "WarmupCosine",
     "apply_overrides",
     "build_param_groups",

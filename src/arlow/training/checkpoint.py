@@ -8,21 +8,29 @@ Layout of ``output_dir``::
         random_states_{rank}.pkl    python / numpy / torch (/cuda) RNG states of every process
         scheduler.pt                lr schedule state
         data_state_{rank}.pt        each process's data position (``data.state_dict()``)
+        config.json                 the model's config, when it is a transformers PreTrainedModel (with
+                                    model.safetensors a folder that loads with from_pretrained)
+        ...                         whatever the on_checkpoint hook writes (pretraining: the export)
         trainer_state.json          step, counters, config; written last
     .tmp-checkpoint-200/            a checkpoint being written (or left by a crash): never picked by resume
 
 A checkpoint is written into the hidden temporary sibling and renamed into place once every process has
-finished writing, so a crash at any moment leaves either the complete checkpoint or none.
+finished writing and the hook has run, so a crash at any moment leaves either the complete checkpoint or none.
+Files are read back with :func:`safe_load` (``weights_only``): a checkpoint cannot run code on resume.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from accelerate.utils import load
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-" + PREFIX
@@ -73,10 +81,11 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return find_latest_checkpoint(output_dir)
     path = Path(resume)
     if not path.is_dir():
-        raise ValueError(f"resume={resume!r} is not a directory; give a checkpoint-N directory, 'latest' or null")
+        raise ValueError(f"--resume {resume} does not exist or is not a directory; give a checkpoint-N directory "
+                         f"or latest")
     if not is_complete(path):
         raise ValueError(
-            f"resume={resume!r} is not a complete checkpoint (a directory named checkpoint-N holding {STATE_FILE}); "
+            f"--resume {resume} is not a complete checkpoint (a directory named checkpoint-N holding {STATE_FILE}); "
             f"complete checkpoints in {output_dir}: {[str(p) for _, p in list_checkpoints(output_dir)]}"
         )
     return path
@@ -151,9 +160,23 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int | None) -> list[Pat
     for path in doomed:
         # Rename first so that a crash mid-delete cannot leave a checkpoint-N that looks complete but is not.
         trash = path.parent / (TRASH_PREFIX + path.name[len(PREFIX):])
+        if trash.exists():  # left by a crash mid-delete: os.replace cannot replace a non-empty directory
+            shutil.rmtree(trash, ignore_errors=True)
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
+
+
+def share_modes(root: str | Path) -> None:
+    """Give ``root`` and everything under it the usual modes of a published folder: 0o755 directories, 0o644
+    files. ``tempfile.mkdtemp`` makes folders private (0o700) and transformers writes weights 0o600."""
+    root = Path(root)
+    root.chmod(0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -179,3 +202,27 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load`` of a checkpoint file that holds only tensors and plain data (dicts, lists, numbers, strings,
+    numpy RNG states): loading never runs code from the file. A file holding anything else is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the checkpoint is incomplete; resume from another one")
+    with refusing_code(path):
+        return load(path, map_location="cpu", weights_only=True)
+
+
+@contextmanager
+def refusing_code(what: str | Path) -> Iterator[None]:
+    """Turn torch's ``weights_only`` refusal (an ``UnpicklingError``) into one clear ``ValueError`` about ``what``."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))
+        detail = f" (it calls {named.group(1)})" if named else ""
+        raise ValueError(
+            f"refusing to load {what}: it holds objects other than tensors and plain data, and unpickling them could "
+            f"run code{detail}. Arlow never writes such files; resume only from checkpoints you trust."
+        ) from None

@@ -15,13 +15,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
+import logging
+import math
 import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
+
+logger = logging.getLogger("arlow.training")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SHIPPED_DEEPSPEED = ("zero2", "zero3")  # names of the DeepSpeed JSONs in arlow/configs/deepspeed/
@@ -44,7 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW decoupled decay on >=2-D params; biases and norm weights (1-D) get 0
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (MAE uses 0.95 for beta2)
     adam_eps: float = 1e-8  # AdamW epsilon
-    warmup_steps: int = 0  # linear warmup: step s < warmup uses lr * (s + 1) / warmup_steps
+    warmup_steps: int = 0  # linear warmup: step s < warmup uses lr * (s + 1) / warmup_steps; > max_steps: clamped
     min_lr_ratio: float = 0.0  # cosine decays from lr to min_lr_ratio * lr at max_steps
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step on each process
     max_grad_norm: float | None = 1.0  # clip the global grad norm to this; None or 0 disables clipping
@@ -69,25 +74,32 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(hints[f.name], getattr(self, f.name), f.name))
         _check(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
-        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a float > 0")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a float >= 0")
+        _check(0 < self.learning_rate < math.inf, "learning_rate", self.learning_rate, "a finite float > 0")
+        _check(0 <= self.weight_decay < math.inf, "weight_decay", self.weight_decay, "a finite float >= 0")
         _check(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             "betas",
             self.betas,
             "two floats in [0, 1), e.g. [0.9, 0.95]",
         )
-        _check(self.adam_eps > 0, "adam_eps", self.adam_eps, "a float > 0")
-        _check(0 <= self.warmup_steps <= self.max_steps, "warmup_steps", self.warmup_steps, "an integer in [0, max_steps]")
+        _check(0 < self.adam_eps < math.inf, "adam_eps", self.adam_eps, "a finite float > 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        if self.warmup_steps > self.max_steps:
+            # A short trial run of a long recipe should just run: the whole run becomes warm-up.
+            logger.warning("arlow: warmup_steps=%d exceeds max_steps=%d; warming up over all %d steps (lower "
+                           "train.warmup_steps to silence this)", self.warmup_steps, self.max_steps, self.max_steps)
+            self.warmup_steps = self.max_steps
         _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
         _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", self.gradient_accumulation_steps, "an integer >= 1")
-        _check(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a float >= 0 or null")
+        _check(self.max_grad_norm is None or 0 <= self.max_grad_norm < math.inf, "max_grad_norm", self.max_grad_norm,
+               "a finite float >= 0 or null")
         _check(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
         _check(self.save_every >= 0, "save_every", self.save_every, "an integer >= 0 (0 saves only at the end)")
         _check(self.keep_last is None or self.keep_last >= 0, "keep_last", self.keep_last, "an integer >= 0 or null")
         _check(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
         _check(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", self.max_consecutive_nonfinite, "an integer >= 1")
-        _check(self.peak_flops is None or self.peak_flops > 0, "peak_flops", self.peak_flops, "a float > 0 or null")
+        _check(self.peak_flops is None or 0 < self.peak_flops < math.inf, "peak_flops", self.peak_flops,
+               "a finite float > 0 or null")
         if self.deepspeed_config in SHIPPED_DEEPSPEED:
             self.deepspeed_config = str(shipped_deepspeed_config(self.deepspeed_config))
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
@@ -112,11 +124,7 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ValueError(f"a TrainConfig needs a mapping of keys to values, got {type(values).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in fields:
-                close = difflib.get_close_matches(key, list(fields), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown TrainConfig key {key!r}.{hint} Valid keys: {', '.join(fields)}.")
+        check_keys("TrainConfig", values, fields)
         missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING]
         if missing:
             raise ValueError(f"TrainConfig needs {', '.join(missing)} (no default); add them to the config or overrides.")
@@ -133,6 +141,24 @@ class TrainConfig:
                 raise ValueError(f"{path} has no {section!r} section; its top-level keys are {sorted(tree)}.")
             tree = tree[section]
         return cls.from_dict(dict(tree or {}))
+
+
+def check_keys(section: str, given: Iterable[str], valid: Iterable[str]) -> None:
+    """Refuse a key of ``section`` (a recipe section such as ``data`` or ``model.vision``) that is not in ``valid``,
+    naming the closest valid key: a typo must not silently train the default."""
+    valid = list(valid)
+    for key in given:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown {section} key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def init_keys(cls: type, *, exclude: Iterable[str] = ()) -> list[str]:
+    """The named parameters of ``cls.__init__`` (what a recipe section may set), less ``exclude``."""
+    skip = {"self", *exclude}
+    return [name for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

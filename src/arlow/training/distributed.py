@@ -136,6 +136,10 @@ def build_accelerator(config: TrainConfig, model: torch.nn.Module | None = None)
     """
     on_cpu = use_cpu(config)
     check_precision(config, on_cpu)
+    if on_cpu:
+        # Else DeepSpeed, when installed, guesses its accelerator at its first use (possibly mid-run, through the
+        # progress bar) and logs "Setting accelerator to CPU ..." about it.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _forget_single_process_state()
     kwargs: dict[str, Any] = {
         "mixed_precision": MIXED_PRECISION[config.precision],

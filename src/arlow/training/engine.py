@@ -10,23 +10,28 @@ the schedule and in the data, applied or not).
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from accelerate.utils import DistributedType, save as save_weights, send_to_device, set_seed
+from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from .checkpoint import (
     list_checkpoints,
     prune_checkpoints,
     read_trainer_state,
+    refusing_code,
     remove_stale_temporaries,
     resolve_resume,
+    safe_load,
     save_atomically,
     write_trainer_state,
 )
@@ -35,17 +40,27 @@ from .distributed import COMPUTE_DTYPE, allreduce_bandwidth, build_accelerator, 
 from .logs import RunLogger
 from .mfu import measure_matmul_peak, model_flops_utilisation
 from .optim import WarmupCosine, build_optimizer, build_param_groups, build_scheduler
+from .rng import preserved_rng
 from .switches import compile_blocks, enable_activation_checkpointing
 
 COUNT_KEYS = ("num_tokens", "num_samples")  # batch keys that feed throughput and are not model inputs
 SCHEDULER_FILE = "scheduler.pt"
 DATA_STATE_FILE = "data_state_{rank}.pt"
+RNG_STATE_FILE = "random_states_{rank}.pkl"  # written by accelerate's save_state
 MODEL_FILE = "model.safetensors"
 DEEPSPEED_TAG = "pytorch_model"  # the sub-directory accelerate's save_state gives DeepSpeed's own checkpoint
 
 
-class NonFiniteLossError(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """The run stopped for a reason its message explains in one line (with the last checkpoint and how to go on)."""
+
+
+class NonFiniteLossError(TrainingStopped):
     """Raised when ``max_consecutive_nonfinite`` steps in a row had a non-finite loss or gradient."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the last checkpoint."""
 
 
 @dataclass
@@ -97,8 +112,11 @@ class Trainer:
             each group get weight decay 0 (see :func:`arlow.training.optim.build_param_groups`).
         flops_per_batch: optional ``callable(batch) -> float``, the model FLOPs of forward + backward on one
             micro-batch, for MFU.
-        on_checkpoint: optional ``callable(checkpoint_dir, unwrapped_model)``, run on the main process after each
-            checkpoint is in place (under ZeRO-3 read weights from ``checkpoint_dir/model.safetensors``).
+        on_checkpoint: optional ``callable(checkpoint_dir, unwrapped_model)``, run on the main process while each
+            checkpoint is still its temporary folder, after the engine's files and before the rename: what it writes
+            is part of the checkpoint, which appears only once the hook has finished (under ZeRO-3 read weights
+            from ``checkpoint_dir/model.safetensors``). It cannot move the training RNG streams (see
+            :func:`arlow.training.rng.preserved_rng`).
     """
 
     def __init__(
@@ -155,8 +173,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, Any]:
-        """Run until ``max_steps``; returns a summary dict (step, loss, nonfinite_skipped, overflow_skipped,
-        elapsed, last_checkpoint, resumed_from, log_file). Raises :class:`NonFiniteLossError` on persistent NaN/inf."""
+        """Run until ``max_steps``; returns a summary dict (step, last_step_loss, last_logged_loss, nonfinite_skipped,
+        overflow_skipped, skipped_files, elapsed, last_checkpoint, resumed_from, log_file). Raises
+        :class:`NonFiniteLossError` on persistent NaN/inf."""
         cfg, acc = self.config, self.accelerator
         output_dir = Path(cfg.output_dir)
         if acc.is_main_process:
@@ -166,12 +185,19 @@ class Trainer:
         resume_from = resolve_resume(output_dir, cfg.resume)
         if resume_from is not None:
             self._load(resume_from)
+            self._notice(f"resuming from {resume_from} (step {self.step} of {cfg.max_steps})")
+            if acc.is_main_process and cfg.resume == "latest":
+                # A run killed between a checkpoint's rename and the pruning after it kept one too many.
+                prune_checkpoints(output_dir, cfg.keep_last)
         elif cfg.resume is None and list_checkpoints(output_dir):
             # A fresh run would interleave its checkpoints with another run's (and keep_last could prune its own).
             raise ValueError(
                 f"{output_dir} already holds checkpoints {[p.name for _, p in list_checkpoints(output_dir)]} of an "
-                "earlier run; continue it with resume='latest', or use another output_dir (or delete them)."
+                "earlier run; continue it with --resume latest (train.resume=latest), or choose another "
+                "train.output_dir (or delete them)."
             )
+        elif cfg.resume == "latest":
+            self._notice(f"--resume latest: no checkpoint in {output_dir} yet, starting a fresh run")
         peak = self._peak_flops() if self.flops_per_batch is not None else None
 
         logger = RunLogger(
@@ -187,6 +213,7 @@ class Trainer:
         started = time.perf_counter()
         elapsed_before = self.elapsed
         interval = _Interval(start=started)
+        logged_loss = None
         try:
             while self.step < cfg.max_steps:
                 logged_next = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
@@ -201,7 +228,9 @@ class Trainer:
                 logger.advance()
                 stop = self.consecutive_nonfinite >= cfg.max_consecutive_nonfinite
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stop:
-                    logger.log(self._record(interval, result, peak))
+                    record = self._record(interval, result, peak)
+                    logged_loss = record["loss"]
+                    logger.log(record)
                     interval = _Interval(start=time.perf_counter())
                 if stop:
                     raise NonFiniteLossError(self._nonfinite_message())
@@ -209,14 +238,22 @@ class Trainer:
                     t0 = time.perf_counter()
                     self.save_checkpoint()
                     interval.paused += time.perf_counter() - t0
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"interrupted (Ctrl-C) during step {self.step + 1}. Last checkpoint: "
+                f"{self.last_checkpoint or 'none written yet'}; continue with --resume latest."
+            ) from None
         finally:
             logger.close()
         self._read_last_loss()
+        skipped_files = self._skipped_files()
         return {
             "step": self.step,
-            "loss": self.last_loss,
+            "last_step_loss": self.last_loss,  # the last finite step's loss alone
+            "last_logged_loss": logged_loss,  # log.jsonl's "loss" of the last record: the mean over its interval
             "nonfinite_skipped": self.nonfinite_skipped,
             "overflow_skipped": self.overflow_skipped,
+            "skipped_files": skipped_files,
             "elapsed": self.elapsed,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
@@ -238,7 +275,7 @@ class Trainer:
         skipped_before = engine.skipped_steps if engine is not None else 0
         losses: list[torch.Tensor] = []
         for j in range(k):
-            inputs = self._account(self._next_batch(), result)
+            inputs = self._account(self._next_batch_everywhere(), result)
             last = j == k - 1
             acc.sync_gradients = last
             with nullcontext() if last else acc.no_sync(self.model):
@@ -322,6 +359,28 @@ class Trainer:
             return
         self.last_loss = self.accelerator.reduce(self._last_loss.detach().float().reshape(1), "mean").item()
         self._last_loss = None
+
+    def _next_batch_everywhere(self) -> Mapping[str, Any]:
+        """The next micro-batch; with several processes, a data error on any of them stops all of them (the others
+        would otherwise wait for it in the next collective for ever). Costs one scalar all-reduce per micro-batch."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._next_batch()
+        error = None
+        try:
+            batch = self._next_batch()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes have heard of it
+            error = err
+        failed = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), "sum").item()
+        if error is not None:
+            raise error
+        if failed:
+            raise TrainingStopped(
+                f"stopping at step {self.step + 1}: {int(failed)} other process(es) could not read their data (their "
+                f"error is in the log). Last checkpoint: {self.last_checkpoint or 'none written yet'}; fix the data "
+                "and continue with --resume latest."
+            )
+        return batch
 
     def _next_batch(self) -> Mapping[str, Any]:
         try:
@@ -419,8 +478,18 @@ class Trainer:
             "comm_time": interval.comm_time,
             "nonfinite_skipped": self.nonfinite_skipped,
             "overflow_skipped": self.overflow_skipped,
+            "skipped_files": self._skipped_files(),
             "elapsed": self.elapsed,
         }
+
+    def _skipped_files(self) -> int | None:
+        """Distinct unreadable files the data skipped so far, summed over processes (a collective); None when the
+        data does not count them (it has no ``num_skipped_files``)."""
+        local = getattr(self.data, "num_skipped_files", None)
+        if local is None:
+            return None
+        acc = self.accelerator
+        return int(acc.reduce(torch.tensor([float(local)], device=acc.device), "sum").item())
 
     def _loss_scale(self) -> float | None:
         if self.config.precision != "fp16":
@@ -432,6 +501,11 @@ class Trainer:
         scaler = self.accelerator.scaler
         return float(scaler.get_scale()) if scaler is not None else None
 
+    def _notice(self, message: str) -> None:
+        """One line on stderr from the main process (before the progress bar starts)."""
+        if self.accelerator.is_main_process:
+            print(f"arlow: {message}", file=sys.stderr, flush=True)
+
     def _peak_flops(self) -> float:
         if self.config.peak_flops is not None:
             return self.config.peak_flops
@@ -441,21 +515,26 @@ class Trainer:
         n = self.consecutive_nonfinite
         last = f"{self.last_checkpoint}" if self.last_checkpoint else "none written yet"
         return (
-            f"training stopped at step {self.step}: the loss or gradient was non-finite (NaN/inf) for {n} consecutive "
-            f"steps ({self.step - n + 1}..{self.step}); none of them changed the weights and no checkpoint holds "
-            f"them. Last checkpoint: {last}. Usual cures: lower learning_rate, keep max_grad_norm set, use "
-            f"precision='fp32' or 'bf16' instead of fp16, or inspect the micro-batches of those steps; then restart "
-            f"with resume='latest'. (max_consecutive_nonfinite={self.config.max_consecutive_nonfinite})"
+            f"training stopped at step {self.step}: the loss or gradient was NaN/inf for {n} steps in a row "
+            f"({self.step - n + 1}..{self.step}, none of them changed the weights). Last checkpoint: {last}. Lower "
+            f"train.learning_rate (or use train.precision=bf16/fp32, keep train.max_grad_norm) and continue with "
+            f"--resume latest."
         )
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Write ``output_dir/checkpoint-{step}`` atomically (all processes must call this), run the
-        ``on_checkpoint`` hook, prune old checkpoints. Refuses to save non-finite weights."""
+        """Write ``output_dir/checkpoint-{step}`` atomically with what the ``on_checkpoint`` hook adds (all
+        processes must call this), prune old checkpoints. Refuses to save non-finite weights. Leaves every
+        process's RNG streams as they were, so a run resumed from this checkpoint continues bit for bit."""
+        with preserved_rng():
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path:
         acc, cfg = self.accelerator, self.config
         self._check_finite_weights()
         self._read_last_loss()
+        skipped_files = self._skipped_files()
 
         def write(tmp: Path) -> None:
             acc.save_state(str(tmp), safe_serialization=True)
@@ -477,12 +556,19 @@ class Trainer:
                 full = OrderedDict((name, tensor.clone()) for name, tensor in full.items())
                 save_weights(full, tmp / MODEL_FILE, safe_serialization=True)
             torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            unwrapped = acc.unwrap_model(self.model)
+            if isinstance(unwrapped, PreTrainedModel):
+                unwrapped.config.save_pretrained(tmp)  # config.json + model.safetensors: a loadable model folder
+            if self.on_checkpoint is not None:
+                with _quiet_hub_progress_bars():  # transformers' "Writing model shards" bars would cut the training bar
+                    self.on_checkpoint(tmp, unwrapped)
             write_trainer_state(
                 tmp,
                 {
                     "step": self.step,
                     "nonfinite_skipped": self.nonfinite_skipped,
                     "overflow_skipped": self.overflow_skipped,
+                    "skipped_files": skipped_files,
                     "consecutive_nonfinite": self.consecutive_nonfinite,
                     "last_loss": self.last_loss,
                     "elapsed": self.elapsed,
@@ -496,8 +582,6 @@ class Trainer:
         )
         self.last_checkpoint = path
         if acc.is_main_process:
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(path, acc.unwrap_model(self.model))
             prune_checkpoints(cfg.output_dir, cfg.keep_last)
         acc.wait_for_everyone()
         return path
@@ -528,9 +612,13 @@ class Trainer:
         changed = sorted(k for k, v in cfg.to_dict().items() if k not in ("resume",) and saved.get(k, v) != v)
         if changed and acc.is_main_process:
             warnings.warn(f"resuming {path} with changed settings (the new values apply): {', '.join(changed)}")
-        acc.load_state(str(path))
-        self.scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=False))
-        self.data.load_state_dict(torch.load(path / DATA_STATE_FILE.format(rank=acc.process_index), weights_only=False))
+        with refusing_code(f"the accelerate state in {path} (optimizer.bin, scaler.pt, model weights)"):
+            acc.load_state(str(path))  # accelerate loads with weights_only=True
+        # accelerate restores the RNG states but only logs when it cannot (e.g. a file that is not plain data):
+        # load the file again so that a refused or missing one stops the resume instead of silently diverging.
+        safe_load(path / RNG_STATE_FILE.format(rank=acc.process_index))
+        self.scheduler.load_state_dict(safe_load(path / SCHEDULER_FILE))
+        self.data.load_state_dict(safe_load(path / DATA_STATE_FILE.format(rank=acc.process_index)))
         self.step = int(state["step"])
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
         self.overflow_skipped = int(state["overflow_skipped"])
@@ -562,6 +650,17 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": we only reposition it
             sched.step()
+
+
+@contextmanager
+def _quiet_hub_progress_bars():
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _check_data(data: Any) -> None:

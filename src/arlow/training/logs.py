@@ -31,6 +31,7 @@ FIELDS = {
     "comm_time": "estimated seconds per step of gradient reduction: reductions per step x gradient bytes / all-reduce bandwidth measured at this record (0 on one process)",
     "nonfinite_skipped": "steps skipped so far because the loss or the gradient was non-finite (whole run)",
     "overflow_skipped": "fp16 steps skipped so far by the dynamic loss scaler (normal while the scale calibrates)",
+    "skipped_files": "distinct unreadable data files skipped so far, all processes (null if the data does not count)",
     "elapsed": "training seconds so far, summed over resumed segments",
 }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import apply_overrides, load_yaml
+from .config import apply_overrides, check_keys, load_yaml
 from .distributed import rank_and_world
 
 __all__ = ["recipe_path", "load_recipe", "run_recipe_command"]
@@ -42,9 +42,8 @@ def load_recipe(stage: str, config: str, overrides: list[str] | None,
     if unknown:
         raise ValueError(f"unknown recipe sections {sorted(unknown)}; expected {sorted(sections)}")
     for section, keys in sections.items():
-        extra = set(tree.get(section) or {}) - keys if keys is not None else set()
-        if extra:
-            raise ValueError(f"unknown {section} key(s) {sorted(extra)}; valid: {sorted(keys)}")
+        if keys is not None:
+            check_keys(section, tree.get(section) or {}, sorted(keys))
     return tree
 
 
