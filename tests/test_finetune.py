@@ -552,7 +552,7 @@ def _free_port() -> int:
 def test_two_processes_with_an_imageless_rank_do_not_hang(media, tmp_path, dummy_vision):
     """DDP on 2 CPU processes: rank 0 sees only image conversations, rank 1 only text (records alternate and
     shuffle is off). With the dummy vision row the run completes; without it DDP's reducer on rank 1 waits for
-    vision gradients that never come (the control: it fails with "Expected to have finished reduction")."""
+    vision gradients that never come (the control: the ranks' collectives fall out of step and the run fails)."""
     records = []
     for i in range(8):
         records.append(_chat(str(media / "a.png"), "red"))
@@ -569,7 +569,11 @@ def test_two_processes_with_an_imageless_rank_do_not_hang(media, tmp_path, dummy
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     if not dummy_vision:
-        assert proc.returncode != 0 and "Expected to have finished reduction" in proc.stderr + proc.stdout
+        # the ranks' collectives fall out of step: DDP's reducer complains, or gloo aborts on the mismatched call
+        # that follows (the engine's per-micro-batch data-error all-reduce) - either way the run cannot finish
+        text = proc.stderr + proc.stdout
+        assert proc.returncode != 0
+        assert "Expected to have finished reduction" in text or "gloo::EnforceNotMet" in text, text[-3000:]
         return
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (out / "checkpoint-3" / "model" / "config.json").is_file()
