@@ -41,6 +41,27 @@ def write_video(path, frames: np.ndarray, fps: int = 10, codec: str = "mpeg4", o
     return path
 
 
+def write_vfr_video(path, frames: np.ndarray, starts_ms: list[int]) -> str:
+    """Encode uint8 ``(T, H, W, 3)`` frames losslessly (H.264, crf 0) as a variable-frame-rate video: frame ``k``
+    starts at ``starts_ms[k]`` milliseconds."""
+    import fractions
+
+    tick = fractions.Fraction(1, 1000)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt, stream.options = "yuv420p", {"crf": "0", "preset": "ultrafast"}
+        stream.codec_context.time_base = stream.time_base = tick
+        for array, start in zip(frames, starts_ms):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            frame.pts, frame.time_base = start, tick
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
 def random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 

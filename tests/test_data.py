@@ -25,6 +25,7 @@ from arlow.pretrain.data import IMAGE, VIDEO, PretrainData
 from arlow.pretrain.packing import pack_by_budget
 from arlow.data.sources import HFImageDataset, ImageList, TarShards, VideoList, image_source, video_source
 from arlow.processing.patches import patchify, unpatchify
+from media import write_vfr_video
 
 RES = 56  # 2x2 merge windows of 14 px patches: 16 patch rows per image
 P, TP, S = 14, 2, 2
@@ -348,22 +349,9 @@ def test_mixing_is_per_sample_and_every_image_is_used_once_per_epoch():
 def test_variable_frame_rate_video_is_sampled_by_presentation_time(tmp_path):
     """2 s at 10 fps, then 5 s at 2 fps: a 1-frame-per-second clip must show what is on screen at each second
     (a frame-index rule picks later frames in the slow half)."""
-    import fractions
-
     starts_ms = [100 * k for k in range(20)] + [2000 + 500 * k for k in range(10)]
-    path = str(tmp_path / "vfr.mp4")
-    with av.open(path, "w") as out:
-        stream = out.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.options = {"crf": "0", "preset": "ultrafast"}
-        stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
-        for k, start in enumerate(starts_ms):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), _level(k), np.uint8), format="rgb24")
-            frame.pts, frame.time_base = start, fractions.Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    levels = np.stack([np.full((48, 64, 3), _level(k), np.uint8) for k in range(len(starts_ms))])
+    path = write_vfr_video(tmp_path / "vfr.mp4", levels, starts_ms)
     info = probe_video(path)
     frames, indices = read_clip(path, 7, fps=1.0)
     seconds = [i / info.fps for i in indices]  # index i is the moment i / fps

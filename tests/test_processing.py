@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from media import frame_index, level_frames, png_bytes, random_rgb, with_exif_orientation, write_video
+from media import (frame_index, level_frames, png_bytes, random_rgb, with_exif_orientation, write_vfr_video,
+                   write_video)
 from PIL import Image
 
 import arlow  # noqa: F401  (registers the Auto classes)
@@ -267,24 +268,8 @@ def test_video_sampling_by_count_fps_and_cap(clip_path):
 def test_variable_frame_rate_video_is_sampled_by_presentation_time(tmp_path):
     """Frames 0-7 at 10 fps, then 8-12 at 2 fps (13 frames over 3.3 s): sampling at 2 fps gives what is on screen
     every half second, with its real presentation time."""
-    import fractions
-
-    import av
-
     starts_ms = [100 * k for k in range(8)] + [800 + 500 * k for k in range(5)]
-    path = str(tmp_path / "vfr.mp4")
-    with av.open(path, "w") as out:
-        stream = out.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.options = {"crf": "0", "preset": "ultrafast"}
-        stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
-        for k, (array, start) in enumerate(zip(level_frames(13), starts_ms)):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts, frame.time_base = start, fractions.Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    path = write_vfr_video(tmp_path / "vfr.mp4", level_frames(13), starts_ms)
     frames, meta = load_video(path, fps=2)
     moments = [i / meta.fps for i in meta.frames_indices]  # index i is the moment i / fps
     on_screen = [max(k for k, start in enumerate(starts_ms) if start <= 1000 * t + 1e-6) for t in moments]
