@@ -57,3 +57,25 @@ def test_every_command_module_runs_its_parsed_arguments():
         assert callable(importlib.import_module(module).run), name
     args = parser.parse_args(["probe", "enc", "--epochs", "3"])
     assert (args._module, args.encoder, args.epochs, args.lr) == ("arlow.evaluation.probe", "enc", 3, None)
+
+
+WAIT_POLICY_PROBE = """
+import json, os, sys
+from arlow_cli import main
+main(["pretrain", "--print-config"])
+print(json.dumps({"policy": os.environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_commands_run_with_a_sleeping_openmp_pool_unless_the_user_chose(given, expected):
+    """A spinning OpenMP pool made ``arlow pretrain`` ~8x slower on a busy 2-core host (docs/training.md): the
+    command sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads, and keeps a value the user set."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    done = subprocess.run([sys.executable, "-c", WAIT_POLICY_PROBE], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"policy": expected}

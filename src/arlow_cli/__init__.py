@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # Before torch loads OpenMP: idle threads sleep instead of spinning. A spinning pool is what made
+    # `arlow pretrain` 8x slower on a busy 2-core host (docs/training.md, "CPU threads"); set the variable to
+    # override it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         module = importlib.import_module(args._module)
     except ModuleNotFoundError as err:  # an optional dependency of this command is not installed
