@@ -81,6 +81,12 @@ def reference_item(model: ArlowVLVisionModel, rows: torch.Tensor, positions: tor
     n = rows.shape[0]
     # Patch embedding as the actual 3-D convolution of each tubelet.
     x = F.conv3d(rows.view(n, C, Tp, Pp, Pp), sd["patch_embed.proj.weight"], stride=(Tp, Pp, Pp)).view(n, E)
+    if cfg.num_position_embeddings:
+        # The S x S table resized to the item's (h, w) grid by torch's bilinear interpolation, corners on corners.
+        side = math.isqrt(cfg.num_position_embeddings)
+        table = sd["pos_embed.weight"].t().reshape(1, E, side, side)
+        resized = F.interpolate(table, size=(int(grid[1]), int(grid[2])), mode="bilinear", align_corners=True)[0]
+        x = x + resized[:, positions[:, 1], positions[:, 2]].t()
     if cfg.use_progressive_patches:
         # Mean over the patches sharing a merge window, found from the coordinates (not from the row order).
         window_id = [(int(t), int(h) // s, int(w) // s) for t, h, w in positions]
@@ -183,15 +189,56 @@ def test_normalized_coordinates_use_full_extents():
     torch.testing.assert_close(got, torch.tensor([[0.0, 1 / 3, 1.0], [1.0, 0.0, 0.0]]))
 
 
+# (The 4x6 image has patch pairs exactly one locality window apart, where float32 and the reference's float64 may
+# fall on either side of the cut-off, so it runs without the bias.)
+@pytest.mark.parametrize("items, bias", [([2], True), ([0], False)], ids=["video-4x4", "image-4x6"])
+def test_absolute_position_embedding_matches_reference_derivation(items, bias):
+    model = tiny_model(use_deformable_attention=bias, use_progressive_patches=True, deepstack_visual_indexes=[0],
+                       num_position_embeddings=9)
+    rows, grid = pack([ITEMS[i] for i in items])
+    out = model(rows, grid, output_hidden_states=True)
+    ref = reference_item(model, rows, vision_patch_positions(grid, S), grid[0])
+    torch.testing.assert_close(out.last_hidden_state, ref["merged"], atol=1e-5, rtol=1e-4)
+    for got, want in zip(out.hidden_states[1:], ref["states"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_absolute_position_embedding_makes_content_depend_on_place():
+    """The same patch content at two places embeds the same without the table (patch embedding and rotary are
+    translation-equivariant) and differently with it; every frame of a clip gets the same embedding."""
+    frames = torch.zeros(2, 3, 8, 8)
+    frames[:, :, :2, :2] = 1.0  # one bright patch in the top-left corner ...
+    moved = torch.zeros(2, 3, 8, 8)
+    moved[:, :, 6:, 6:] = 1.0  # ... and in the bottom-right corner
+    for table, differs in ((0, False), (16, True)):
+        model = tiny_model(num_position_embeddings=table)
+        first = model(*pack([frames]), output_hidden_states=True).hidden_states[0]
+        second = model(*pack([moved]), output_hidden_states=True).hidden_states[0]
+        positions = vision_patch_positions(torch.tensor([[1, 4, 4]]), S)
+        corner_a = first[(positions[:, 1] == 0) & (positions[:, 2] == 0)]
+        corner_b = second[(positions[:, 1] == 3) & (positions[:, 2] == 3)]
+        assert torch.allclose(corner_a, corner_b, atol=1e-6) != differs
+    video = tiny_model(num_position_embeddings=16)
+    rows, grid = pack([clip(4, 8, 8, 7)])
+    embedded = video(rows, grid, output_hidden_states=True).hidden_states[0] - video.patch_embed(rows)
+    positions = vision_patch_positions(grid, S)
+    torch.testing.assert_close(embedded[positions[:, 0] == 0], embedded[positions[:, 0] == 1])
+
+
+def test_absolute_position_table_must_be_square():
+    with pytest.raises(ValueError, match="square"):
+        tiny_config(num_position_embeddings=10)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Packing
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("progressive", [False, True])
-def test_packed_batch_equals_items_run_alone(bias, progressive):
+@pytest.mark.parametrize("bias, progressive, table",
+                         [(False, False, 0), (False, True, 0), (True, False, 0), (True, True, 0), (True, True, 9)])
+def test_packed_batch_equals_items_run_alone(bias, progressive, table):
     model = tiny_model(use_deformable_attention=bias, use_progressive_patches=progressive,
-                       deepstack_visual_indexes=[0, 1])
+                       deepstack_visual_indexes=[0, 1], num_position_embeddings=table)
     rows, grid = pack(ITEMS)
     alone = [model(*pack([f]), output_hidden_states=True) for f in ITEMS]
     out = model(rows, grid, output_hidden_states=True)

@@ -18,6 +18,7 @@ rotary frequencies.
 from __future__ import annotations
 
 import inspect
+import math
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
@@ -85,6 +86,10 @@ class ArlowVisionConfig(PreTrainedConfig):
         video_attention: ``"clip"`` (default): every patch of a video attends to the whole clip. ``"frame"``: to
             its own temporal slice only, as Qwen2-VL's encoder does - ``1/t`` of the attention scores of a clip of
             ``t`` temporal patches, with time mixed only inside each temporal patch (and later by the LM).
+        num_position_embeddings: ``0`` (the published encoder): positions reach the encoder only through the
+            relative rotary angles and the locality bias. ``S * S > 0``: a learned ``S x S`` table of absolute
+            position embeddings, bilinearly interpolated to each item's (h, w) grid and added to the patch
+            embeddings (Qwen3-VL's ``pos_embed``), so each token's content says where in its image it sits.
         use_progressive_patches: add a learned projection of the ``s x s``-pooled patch embeddings (a coarser
             scale) to every patch before block 0.
         deepstack_visual_indexes: blocks after which a DeepStack merger taps the hidden states. ``None`` derives
@@ -112,6 +117,7 @@ class ArlowVisionConfig(PreTrainedConfig):
     deformable_attention_window: float = 0.25
     deformable_attention_strength: float = 4.0
     video_attention: str = "clip"
+    num_position_embeddings: int = 0
     use_progressive_patches: bool = True
     deepstack_visual_indexes: list[int] | None = None
     mrope_sections: list[int] | None = None
@@ -134,6 +140,11 @@ class ArlowVisionConfig(PreTrainedConfig):
             raise ValueError(f"ArlowVisionConfig: head dim embed_dim/num_heads = {head_dim} must be even for RoPE")
         if int(self.embed_dim * self.mlp_ratio) < 1:
             raise ValueError(f"ArlowVisionConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.num_position_embeddings < 0 or math.isqrt(self.num_position_embeddings) ** 2 != self.num_position_embeddings:
+            raise ValueError(
+                f"ArlowVisionConfig.num_position_embeddings must be 0 (none) or a square S*S (an S x S table), got "
+                f"{self.num_position_embeddings}"
+            )
         if self.deformable_attention_strength < 0:
             raise ValueError("ArlowVisionConfig.deformable_attention_strength must be >= 0")
         if self.video_attention not in ("clip", "frame"):

@@ -22,6 +22,7 @@ contiguous and restores the caller's order at the end. Device-specific kernels l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -93,6 +94,32 @@ def normalized_coordinates(positions: torch.Tensor, extents: torch.Tensor) -> to
     """
     span = (extents - 1).clamp(min=1).float()
     return positions.float() / span
+
+
+def interpolated_position_weights(positions: torch.Tensor, extents: torch.Tensor,
+                                  side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear read-out of a ``side x side`` table of absolute position embeddings at each patch's (h, w).
+
+    The table spans every item edge to edge, whatever its grid (Qwen3-VL's interpolated ``pos_embed``): row ``h`` of
+    an item ``H`` patches high sits at table coordinate ``h * (side - 1) / (H - 1)`` (``0`` when ``H = 1``), likewise
+    for ``w``; time is ignored, so every frame of a clip gets the same embedding at the same place.
+
+    Args:
+        positions: ``(N, 3)`` integer (t, h, w) positions.
+        extents: ``(N, 3)`` full grid ``(t, h, w)`` of the item each row belongs to.
+        side: the table is ``side * side`` rows, row-major over (h, w).
+    Returns:
+        ``index (N, 4)`` long table rows and ``weight (N, 4)`` float32 bilinear weights summing to 1 per row.
+    """
+    coords = normalized_coordinates(positions, extents)[:, 1:] * (side - 1)  # (N, 2) in table units
+    low = coords.floor().clamp(max=side - 1)
+    high = (low + 1).clamp(max=side - 1)
+    frac = coords - low
+    (h0, w0), (h1, w1) = low.long().unbind(1), high.long().unbind(1)
+    fh, fw = frac.unbind(1)
+    index = torch.stack([h0 * side + w0, h0 * side + w1, h1 * side + w0, h1 * side + w1], dim=1)
+    weight = torch.stack([(1 - fh) * (1 - fw), (1 - fh) * fw, fh * (1 - fw), fh * fw], dim=1)
+    return index, weight
 
 
 def locality_bias(coords: torch.Tensor, strength: float, window: float) -> torch.Tensor:
@@ -416,6 +443,8 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         self.rotary_pos_emb = ArlowVisionRotaryEmbedding(config)
         self.blocks = nn.ModuleList(ArlowVLBlock(config) for _ in range(config.depth))
         self.merger = ArlowVLPatchMerger(config)
+        if config.num_position_embeddings:
+            self.pos_embed = nn.Embedding(config.num_position_embeddings, config.embed_dim)
         if config.use_progressive_patches:
             self.progressive_proj = Linear(config.embed_dim, config.embed_dim)
         if config.deepstack_visual_indexes:
@@ -563,6 +592,16 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
             cos, sin = cos[layout.order], sin[layout.order]
         return layout, cos, sin
 
+    @torch.compiler.disable
+    def _absolute_positions(self, grid: torch.Tensor, positions: torch.Tensor, lengths: list[int],
+                            dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``(N, E)``: the interpolated absolute position embedding of every row (weights planned on the host)."""
+        side = math.isqrt(self.config.num_position_embeddings)
+        extents = torch.repeat_interleave(grid, torch.tensor(lengths), dim=0)
+        index, weight = interpolated_position_weights(positions, extents, side)
+        rows = self.pos_embed(to_device(index, device))  # (N, 4, E)
+        return (rows * to_device(weight, device).to(rows.dtype).unsqueeze(-1)).sum(dim=1).to(dtype)
+
     # -- forward ------------------------------------------------------------------------------------------------
 
     def forward(
@@ -592,6 +631,8 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         grid, positions, lengths = self._check_inputs(pixel_values, grid_thw, patch_positions, seq_lengths)
         x = self.patch_embed(pixel_values)
         merge_rows = self.spatial_merge_size**2
+        if cfg.num_position_embeddings:
+            x = x + self._absolute_positions(grid, positions, lengths, x.dtype, x.device)
 
         if cfg.use_progressive_patches:
             # A coarser scale: every patch also sees the mean of its merge window.
