@@ -7,14 +7,9 @@ import torch
 
 from arlow.configuration import default_mrope_sections
 from arlow.modeling.rope import apply_rotary, mrope_slot_axes
-from arlow.pretrain.mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
+from arlow.pretrain.mae import ArlowMAEForPreTraining, mae_train_flops
 from arlow.pretrain.masking import sample_window_mask, window_positions, windows_per_slice
 from arlow.processing.patches import patchify
-from tiny import tiny_config as make_tiny_config
-
-
-def tiny_config(**kw):
-    return make_tiny_config("mae", **kw)
 
 
 def batch():
@@ -53,9 +48,9 @@ def test_visible_rows_are_whole_windows():
     assert window_positions(grid, 2)[windows].tolist()[3] == [1, 0, 0]
 
 
-def test_loss_matches_hand_computation():
+def test_loss_matches_hand_computation(tiny_config):
     torch.manual_seed(0)
-    model = ArlowMAEForPreTraining(tiny_config()).eval()
+    model = ArlowMAEForPreTraining(tiny_config("mae")).eval()
     pv, grid = batch()
     noise = torch.rand(int(windows_per_slice(grid, 2).sum()))
     with torch.no_grad():
@@ -76,8 +71,8 @@ def test_loss_matches_hand_computation():
     assert abs(float(out.loss) - total / count) < 1e-5
 
 
-def test_encoder_sees_only_visible_windows():
-    model = ArlowMAEForPreTraining(tiny_config()).eval()
+def test_encoder_sees_only_visible_windows(tiny_config):
+    model = ArlowMAEForPreTraining(tiny_config("mae")).eval()
     pv, grid = batch()
     noise = torch.rand(int(windows_per_slice(grid, 2).sum()))
     out = model(pv, grid, noise=noise)
@@ -89,8 +84,8 @@ def test_encoder_sees_only_visible_windows():
     assert not torch.allclose(out.loss, out2.loss)  # ...but the target does
 
 
-def test_one_step_moves_every_exported_parameter():
-    model = ArlowMAEForPreTraining(tiny_config())
+def test_one_step_moves_every_exported_parameter(tiny_config):
+    model = ArlowMAEForPreTraining(tiny_config("mae"))
     pv, grid = batch()
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -102,9 +97,9 @@ def test_one_step_moves_every_exported_parameter():
     assert unchanged == []
 
 
-def test_gradient_checkpointing_same_gradients():
+def test_gradient_checkpointing_same_gradients(tiny_config):
     torch.manual_seed(0)
-    model = ArlowMAEForPreTraining(tiny_config())
+    model = ArlowMAEForPreTraining(tiny_config("mae"))
     pv, grid = batch()
     noise = torch.rand(int(windows_per_slice(grid, 2).sum()))
     model(pv, grid, noise=noise).loss.backward()
@@ -116,8 +111,8 @@ def test_gradient_checkpointing_same_gradients():
         assert torch.allclose(p.grad, ref[n], atol=1e-6), n
 
 
-def test_save_load_round_trip(tmp_path):
-    model = ArlowMAEForPreTraining(tiny_config()).eval()
+def test_save_load_round_trip(tiny_config, tmp_path):
+    model = ArlowMAEForPreTraining(tiny_config("mae")).eval()
     model.save_pretrained(tmp_path)
     loaded = ArlowMAEForPreTraining.from_pretrained(tmp_path).eval()
     pv, grid = batch()
@@ -125,25 +120,25 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(model(pv, grid, noise=noise).pred, loaded(pv, grid, noise=noise).pred)
 
 
-def test_flops_scale_with_visible_fraction():
-    cfg = tiny_config()
+def test_flops_scale_with_visible_fraction(tiny_config):
+    cfg = tiny_config("mae")
     grid = torch.tensor([[1, 16, 16]])
     low, high = mae_train_flops(cfg, grid, 0.9), mae_train_flops(cfg, grid, 0.5)
     assert 0 < low < high
     assert mae_train_flops(cfg, torch.tensor([[1, 16, 16], [1, 16, 16]])) == pytest.approx(2 * mae_train_flops(cfg, grid))
 
 
-def test_bad_input():
-    model = ArlowMAEForPreTraining(tiny_config())
+def test_bad_input(tiny_config):
+    model = ArlowMAEForPreTraining(tiny_config("mae"))
     with pytest.raises(ValueError, match="pixel_values must be"):
         model(torch.zeros(16, 10), torch.tensor([[1, 4, 4]]))
     with pytest.raises(ValueError, match="must be an even integer"):
-        tiny_config(decoder_num_heads=3)
+        tiny_config("mae", decoder_num_heads=3)
 
 
-def test_decoder_rotary_stays_fp32_under_bf16_cast():
+def test_decoder_rotary_stays_fp32_under_bf16_cast(tiny_config):
     torch.manual_seed(0)
-    model = ArlowMAEForPreTraining(tiny_config(decoder_hidden_size=64, decoder_num_heads=2))
+    model = ArlowMAEForPreTraining(tiny_config("mae", decoder_hidden_size=64, decoder_num_heads=2))
     grid = torch.tensor([[2, 16, 24]])  # windows up to (1, 7, 11): angles large enough for rounding to show
     before = model.decoder_rotary(grid)
     model.to(torch.bfloat16)
@@ -170,12 +165,12 @@ def test_decoder_rotary_stays_fp32_under_bf16_cast():
     assert torch.allclose(got.double(), exact, rtol=2**-8, atol=1e-6)
 
 
-def test_deepstack_dropout_trains_every_parameter_and_evaluation_reads_every_level():
+def test_deepstack_dropout_trains_every_parameter_and_evaluation_reads_every_level(tiny_config):
     pv, grid = batch()
     noise = torch.rand(int(windows_per_slice(grid, 2).sum()), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
-    half = ArlowMAEForPreTraining(tiny_config(decoder_deepstack_dropout=0.5))
-    plain = ArlowMAEForPreTraining(tiny_config())
+    half = ArlowMAEForPreTraining(tiny_config("mae", decoder_deepstack_dropout=0.5))
+    plain = ArlowMAEForPreTraining(tiny_config("mae"))
     plain.load_state_dict(half.state_dict())
     # evaluation: no window is dropped, so the prediction is the p = 0 model's
     half.eval(), plain.eval()
@@ -187,10 +182,10 @@ def test_deepstack_dropout_trains_every_parameter_and_evaluation_reads_every_lev
         half(pv, grid, noise=noise).loss.backward()
     assert [n for n, p in half.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
     # p = 1: the decoder never reads the levels, so their projections and mergers get no gradient
-    never = ArlowMAEForPreTraining(tiny_config(decoder_deepstack_dropout=1.0)).train()
+    never = ArlowMAEForPreTraining(tiny_config("mae", decoder_deepstack_dropout=1.0)).train()
     never(pv, grid, noise=noise).loss.backward()
     idle = {n.split(".")[0] + "." + n.split(".")[1] for n, p in never.named_parameters() if p.grad is None}
     assert idle == {"decoder_deepstack_embed.0", "decoder_deepstack_embed.1", "decoder_deepstack_embed.2",
                     "encoder.deepstack_mergers"}
     with pytest.raises(ValueError, match="decoder_deepstack_dropout"):
-        tiny_config(decoder_deepstack_dropout=1.5)
+        tiny_config("mae", decoder_deepstack_dropout=1.5)

@@ -16,27 +16,29 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextT
 
 import arlow  # noqa: F401  (registers the Auto classes)
 from arlow.assemble import assemble, create_model
-from arlow.configuration import ArlowConfig, ArlowTextConfig
+from arlow.configuration import ArlowTextConfig
 from arlow.modeling.multimodal import ArlowForConditionalGeneration, ArlowModel, run_lengths
 from arlow.modeling.text import ArlowForCausalLM
 from arlow.processing import ArlowImageProcessor, ArlowProcessor, ArlowVideoProcessor, load_default_tokenizer
-from tiny import tiny_config as make_tiny_config
 
 VOCAB = 8192  # the built-in tokenizer; its last four ids are <image>, <video>, <|vision_start|>, <|vision_end|>
 IMAGE, VIDEO, VSTART, VEND = 8188, 8189, 8190, 8191
 
 
-def tiny_config(text=None, **top) -> ArlowConfig:
-    return make_tiny_config("vlm", text=text, **top)
+@pytest.fixture(scope="module")
+def tiny_model(tiny_config):
+    """``tiny_model(seed, text=None, **top)``: a seeded VLM of the tiny "vlm" config (conftest's ``tiny_config``;
+    ``text`` overrides the text sub-config, ``top`` the top-level fields)."""
 
+    def make(seed=0, text=None, **top) -> ArlowForConditionalGeneration:
+        torch.manual_seed(seed)
+        return ArlowForConditionalGeneration(tiny_config("vlm", text=text, **top)).eval()
 
-def tiny_model(seed=0, text=None, **top) -> ArlowForConditionalGeneration:
-    torch.manual_seed(seed)
-    return ArlowForConditionalGeneration(tiny_config(text, **top)).eval()
+    return make
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(tiny_model):
     return tiny_model()
 
 
@@ -231,7 +233,7 @@ def test_rope_index_image_then_text_by_hand(model):
     assert pos[:, 0, 2:].tolist() == [t, h, w] and delta.tolist() == [[9 - 14]]
 
 
-def test_rope_index_video_follows_seconds_per_patch(model):
+def test_rope_index_video_follows_seconds_per_patch(tiny_model, model):
     # <vs> [video 2x2x2 patches -> 2 temporal x 1 x 1 merged] <ve> text; 1.5 s per temporal patch, 2 tokens/s.
     ids = torch.tensor([[4, VSTART, VIDEO, VIDEO, VEND, 9]])
     grid = torch.tensor([[2, 2, 2]])
@@ -306,7 +308,7 @@ def _deepstack_rows(model, inputs):
     return visual, levels
 
 
-def test_deepstack_adds_levels_at_their_text_layers(processor, media):
+def test_deepstack_adds_levels_at_their_text_layers(tiny_model, processor, media):
     # Both levels after text layer 1: they are summed; layer 0 gets nothing. Video before image in the prompt, so
     # rows must follow sequence order, not modality order.
     model = tiny_model(seed=1, deepstack_text_layers=[1, 1])
@@ -321,7 +323,7 @@ def test_deepstack_adds_levels_at_their_text_layers(processor, media):
     torch.testing.assert_close(added[visual[0]], levels[0] + levels[1], rtol=1e-5, atol=1e-5)
 
 
-def test_deepstack_reaches_only_visual_positions_then_flows_causally(processor, media):
+def test_deepstack_reaches_only_visual_positions_then_flows_causally(tiny_model, processor, media):
     """Against the same model with DeepStack features zeroed: up to the injection layer every state is identical;
     right after it only the visual positions differ; later, positions before the first visual token never change
     (causal attention), while visual and later positions do."""
@@ -346,7 +348,7 @@ def test_deepstack_reaches_only_visual_positions_then_flows_causally(processor, 
     assert ((a[first:] - b[first:]).abs().amax(-1) > 1e-6).all()
 
 
-def test_gates_scale_the_deepstack_addition(processor, media):
+def test_gates_scale_the_deepstack_addition(tiny_model, processor, media):
     model = tiny_model(seed=3, text={"use_gated_cross_attention": True, "gated_cross_attention_start_layer": 1},
                        deepstack_text_layers=[0, 2])
     gates = torch.tensor([0.7, -0.4, 1.3])
@@ -366,7 +368,7 @@ def test_gates_scale_the_deepstack_addition(processor, media):
 # Loss
 
 
-def test_loss_ignores_visual_positions_and_trains_both_towers(processor, media):
+def test_loss_ignores_visual_positions_and_trains_both_towers(tiny_model, processor, media):
     model = tiny_model(seed=4).train()
     inputs = encode(processor, [conversation(f"image={media['square']}", "text:a caption", f"video={media['clip']}")])
     labels = inputs["input_ids"].clone()  # the user did not mask the placeholders
@@ -469,9 +471,9 @@ def test_text_only_input_matches_the_text_model(model):
     torch.testing.assert_close(a[mask.bool()], b[mask.bool()], rtol=1e-5, atol=1e-5)
 
 
-def test_per_tower_attention_implementation(processor, media):
+def test_per_tower_attention_implementation(tiny_config, processor, media):
     torch.manual_seed(5)
-    config = tiny_config()
+    config = tiny_config("vlm")
     mixed = ArlowForConditionalGeneration._from_config(
         config, attn_implementation={"vision_config": "eager", "text_config": "sdpa"}).eval()
     assert mixed.model.visual.config is mixed.config.vision_config
@@ -487,7 +489,7 @@ def test_per_tower_attention_implementation(processor, media):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_save_load_through_auto_classes(tmp_path, processor, media, tie):
+def test_save_load_through_auto_classes(tiny_model, tmp_path, processor, media, tie):
     model = tiny_model(seed=6, tie_word_embeddings=tie)
     model.save_pretrained(tmp_path)
     saved = load_file(str(tmp_path / "model.safetensors"))
@@ -598,7 +600,7 @@ def test_assembly_checks_widths_tokens_and_weights(tmp_path):
         assemble(checkpoint, checkpoint / "vision_encoder")
 
 
-def test_flop_formulas_count_every_decoder_matrix():
+def test_flop_formulas_count_every_decoder_matrix(tiny_model):
     """``decoder_forward_flops`` is 2 FLOPs per weight of every layer matrix and the LM head per token (the dense
     rule); ``vlm_forward_flops`` adds the encoder's formula."""
     from arlow.modeling.multimodal import vlm_forward_flops

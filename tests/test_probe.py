@@ -10,7 +10,6 @@ from PIL import Image
 
 import arlow  # noqa: F401
 from arlow.cli import main
-from arlow.configuration import ArlowVisionConfig
 from arlow.evaluation import (
     LinearProbeConfig,
     extract_features,
@@ -27,7 +26,6 @@ from arlow.evaluation import (
 from arlow.evaluation.features import batch_rows, image_rows
 from arlow.modeling.vision import ArlowVLVisionModel
 
-TINY = dict(depth=2, embed_dim=32, num_heads=2, hidden_size=32, deepstack_visual_indexes=[0])
 RES = 56  # 4 x 4 patches = 4 merged tokens per image
 
 
@@ -125,23 +123,23 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def config_json(tmp_path_factory):
+def config_json(tiny_config, tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    path.write_text(ArlowVisionConfig(**TINY).to_json_string())
+    path.write_text(tiny_config("encoder").to_json_string())
     return path
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tiny_config, tmp_path_factory):
     torch.manual_seed(5)
-    model = ArlowVLVisionModel(ArlowVisionConfig(**TINY)).eval()
+    model = ArlowVLVisionModel(tiny_config("encoder")).eval()
     checkpoint = tmp_path_factory.mktemp("ckpt") / "checkpoint-7"
     model.save_pretrained(checkpoint / "vision_encoder")
     return model, checkpoint
 
 
-def test_batched_rows_equal_one_image_at_a_time():
-    config = ArlowVisionConfig(**TINY)
+def test_batched_rows_equal_one_image_at_a_time(tiny_config):
+    config = tiny_config("encoder")
     images = [digit_like(i % 2, i) for i in range(5)] + [Image.new("RGB", (70, 30), (10, 200, 30))]
     rows, grids = batch_rows(images, config, RES)
     singles = [image_rows(im, config, RES) for im in images]
@@ -149,7 +147,7 @@ def test_batched_rows_equal_one_image_at_a_time():
     assert torch.equal(grids, torch.stack([g for _, g in singles]))
 
 
-def test_exported_encoder_and_checkpoint_load_with_identical_features(exported, folder):
+def test_exported_encoder_and_checkpoint_load_with_identical_features(tiny_config, exported, folder):
     model, checkpoint = exported
     data = labelled_images(folder)
     ref = extract_features(model, data, RES, batch_size=5, feature="deepstack", progress=False)
@@ -158,10 +156,11 @@ def test_exported_encoder_and_checkpoint_load_with_identical_features(exported, 
         assert where.endswith("vision_encoder")
         feats = extract_features(loaded, data, RES, batch_size=16, feature="deepstack", progress=False)
         torch.testing.assert_close(feats.features, ref.features, rtol=1e-5, atol=1e-6)
-    assert ref.features.shape == (16, 2 * TINY["hidden_size"])  # merged mean + one DeepStack level
+    hidden = tiny_config("encoder").hidden_size
+    assert ref.features.shape == (16, 2 * hidden)  # merged mean + one DeepStack level
     # the first half of the deepstack feature is the plain feature
     plain = extract_features(model, data, RES, progress=False)
-    torch.testing.assert_close(ref.features[:, : TINY["hidden_size"]], plain.features, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref.features[:, :hidden], plain.features, rtol=1e-5, atol=1e-6)
 
 
 def test_random_init_from_config_is_seeded(config_json, exported):
@@ -185,12 +184,13 @@ def run_probe(args, tmp_path, capsys):
     return code, (json.loads(out.read_text()) if out.is_file() else None), stdout
 
 
-def test_cli_class_folders_random_init(folder, config_json, tmp_path, capsys):
+def test_cli_class_folders_random_init(tiny_config, folder, config_json, tmp_path, capsys):
     code, result, stdout = run_probe(["--random-init", str(config_json), "--dataset", str(folder),
                                       "--test-fraction", "0.25"], tmp_path, capsys)
     assert code == 0
     assert result["num_train"] == 12 and result["num_test"] == 4 and result["num_classes"] == 2
-    assert result["classes"] == ["horizontal", "vertical"] and result["feature_dim"] == TINY["hidden_size"]
+    assert result["classes"] == ["horizontal", "vertical"]
+    assert result["feature_dim"] == tiny_config("encoder").hidden_size
     assert 0.0 <= result["knn"]["top1"] <= 1.0 and 0.0 <= result["linear"]["top1"] <= 1.0
     assert result["linear"]["train_top1"] == 1.0  # 12 points in 32 dimensions are linearly separable
     assert stdout.startswith("probe: k-NN (k=20) top-1") and "12 train / 4 test" in stdout
@@ -200,7 +200,7 @@ def test_cli_class_folders_random_init(folder, config_json, tmp_path, capsys):
     assert again["knn"] == result["knn"] and again["linear"] == result["linear"]
 
 
-def test_cli_saved_datasets_folder_and_given_splits(folder, exported, tmp_path, capsys):
+def test_cli_saved_datasets_folder_and_given_splits(tiny_config, folder, exported, tmp_path, capsys):
     import datasets
 
     images = [digit_like(i % 2, 500 + i) for i in range(10)]
@@ -210,7 +210,8 @@ def test_cli_saved_datasets_folder_and_given_splits(folder, exported, tmp_path, 
     code, result, _ = run_probe([str(exported[1]), "--dataset", str(tmp_path / "hf"), "--deepstack"], tmp_path,
                                 capsys)
     assert code == 0 and result["num_train"] + result["num_test"] == 10 and result["classes"] == ["h", "v"]
-    assert result["feature_dim"] == 2 * TINY["hidden_size"] and result["encoder"].endswith("vision_encoder")
+    assert result["feature_dim"] == 2 * tiny_config("encoder").hidden_size
+    assert result["encoder"].endswith("vision_encoder")
 
     # given split folders: the class names line up
     code, result, _ = run_probe([str(exported[1]), "--train", str(folder), "--test", str(folder), "--k", "1"],
@@ -351,13 +352,13 @@ def test_finetune_learns_bars_leaves_the_encoder_alone_and_is_seeded(exported, f
         finetune_accuracy(model, x, y + 1, x, y, 2, config)
 
 
-def test_cli_reports_feature_rank_and_finetuning(folder, config_json, tmp_path, capsys):
+def test_cli_reports_feature_rank_and_finetuning(tiny_config, folder, config_json, tmp_path, capsys):
     from arlow.evaluation import effective_rank
 
     code, result, stdout = run_probe(["--random-init", str(config_json), "--dataset", str(folder), "--test-fraction",
                                       "0.5", "--feature", "blocks", "--finetune", "--finetune-epochs", "2"],
                                      tmp_path, capsys)
-    assert code == 0 and result["feature"] == "blocks" and result["feature_dim"] == TINY["embed_dim"]
+    assert code == 0 and result["feature"] == "blocks" and result["feature_dim"] == tiny_config("encoder").embed_dim
     model, _ = random_encoder(config_json, seed=0)
     test = labelled_images(folder).select(stratified_split(labelled_images(folder).names, 0.5, 0)[1])
     feats = extract_features(model, test, RES, feature="blocks", progress=False).features

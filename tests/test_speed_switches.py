@@ -6,14 +6,11 @@ import os
 import pytest
 import torch
 
-from arlow import ArlowVisionConfig, ArlowVLVisionModel
-from arlow.pretrain.mae import ArlowMAEConfig, ArlowMAEForPreTraining
+from arlow import ArlowVLVisionModel
+from arlow.pretrain.mae import ArlowMAEForPreTraining
 from arlow.processing.patches import patchify
 from arlow.training import TrainConfig, Trainer
 from arlow.training.switches import compile_blocks, enable_activation_checkpointing
-
-TINY = dict(depth=2, embed_dim=32, num_heads=2, hidden_size=32, deepstack_visual_indexes=[0])
-
 
 def pack(sizes=((56, 56), (56, 84), (56, 56)), frames=2, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -21,9 +18,9 @@ def pack(sizes=((56, 56), (56, 84), (56, 56)), frames=2, seed=0):
     return torch.cat(rows), torch.stack(grids)
 
 
-def test_whole_encoder_compiles_with_one_break_outside_the_blocks():
+def test_whole_encoder_compiles_with_one_break_outside_the_blocks(tiny_config):
     """The input checks and packing plan are left to eager (compiler.disable); blocks, rope and merger trace."""
-    model = ArlowVLVisionModel(ArlowVisionConfig(**TINY)).eval()
+    model = ArlowVLVisionModel(tiny_config("encoder")).eval()
     rows, grid = pack()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(rows, grid)
@@ -32,9 +29,9 @@ def test_whole_encoder_compiles_with_one_break_outside_the_blocks():
 
 
 @pytest.mark.slow  # ~60 s on 2 busy cores: inductor generates and builds C++ for a block's forward
-def test_compiled_blocks_give_the_same_outputs():
+def test_compiled_blocks_give_the_same_outputs(tiny_config):
     torch.manual_seed(0)
-    eager = ArlowVLVisionModel(ArlowVisionConfig(**TINY)).eval()
+    eager = ArlowVLVisionModel(tiny_config("encoder")).eval()
     compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
     assert compile_blocks(compiled) == 2  # inductor, what train.compile uses
@@ -46,11 +43,11 @@ def test_compiled_blocks_give_the_same_outputs():
     torch._dynamo.reset()
 
 
-def test_compiled_blocks_give_the_same_gradients():
+def test_compiled_blocks_give_the_same_gradients(tiny_config):
     """The traced graphs (forward and the autograd graph AOT builds from it) compute what eager does; the
     "aot_eager" backend runs them without code generation, so this stays fast."""
     torch.manual_seed(0)
-    eager = ArlowVLVisionModel(ArlowVisionConfig(**TINY))
+    eager = ArlowVLVisionModel(tiny_config("encoder"))
     compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
     assert compile_blocks(compiled, backend="aot_eager") == 2
@@ -96,9 +93,11 @@ class _Batches:
             yield self.batches[(self.position - 1) % len(self.batches)]
 
 
-def test_activation_checkpointing_trains_the_mae_to_the_same_weights(tmp_path):
+def test_activation_checkpointing_trains_the_mae_to_the_same_weights(tiny_config, tmp_path):
     """Recomputing block activations in backward changes memory, not numbers (fp32, 2 steps)."""
-    config = ArlowMAEConfig(vision_config=TINY, decoder_hidden_size=32, decoder_num_layers=1, decoder_num_heads=2)
+    # the "encoder" tiny config as the MAE's encoder (the MAE kind's other encoder fields are the defaults)
+    config = tiny_config("mae", vision=dict(depth=2, hidden_size=32, deepstack_visual_indexes=[0]),
+                         decoder_num_layers=1)
     results = []
     for ckpt in (False, True):
         torch.manual_seed(0)

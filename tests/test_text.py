@@ -29,22 +29,22 @@ from arlow import (
 )
 from arlow.modeling.rope import mrope_slot_axes
 from arlow.modeling.text import ArlowRMSNorm, ArlowTextRotaryEmbedding
-from tiny import tiny_config as make_tiny_config
 
 VOCAB = 101
 PAD = 0
 BACKENDS = ["eager", "sdpa"]
 
 
-def tiny_config(**overrides) -> ArlowTextConfig:
-    """3 layers (full, sliding, sliding), GQA 4q/2kv, head_dim 12, window 4. Large init so argmax never ties."""
-    return make_tiny_config("text", **overrides)
+@pytest.fixture
+def build(tiny_config):
+    """``build(cls, impl, seed, **overrides)``: a seeded model of the tiny text config (conftest's ``tiny_config``:
+    3 layers full/sliding/sliding, GQA 4q/2kv, head_dim 12, window 4, an init large enough that argmax never ties)."""
 
+    def make(cls=ArlowForCausalLM, impl="sdpa", seed=0, **overrides):
+        torch.manual_seed(seed)
+        return cls._from_config(tiny_config("text", **overrides), attn_implementation=impl).eval()
 
-def build(cls=ArlowForCausalLM, impl="sdpa", seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = cls._from_config(tiny_config(**overrides), attn_implementation=impl)
-    return model.eval()
+    return make
 
 
 def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +107,7 @@ def reference_logits(model: ArlowForCausalLM, ids: torch.Tensor, mask: torch.Ten
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
-def test_sliding_window_matches_banded_reference_prefill_and_decode(impl):
+def test_sliding_window_matches_banded_reference_prefill_and_decode(build, impl):
     model = build(impl=impl)
     ids, mask = left_pad(PROMPTS)
     extra = torch.randint(1, VOCAB, (3, 6))
@@ -131,7 +131,7 @@ def test_sliding_window_matches_banded_reference_prefill_and_decode(impl):
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
-def test_cached_decode_equals_full_forward_every_step(impl):
+def test_cached_decode_equals_full_forward_every_step(build, impl):
     model = build(impl=impl)
     ids, mask = left_pad(PROMPTS)
     seq = torch.cat([ids, torch.randint(1, VOCAB, (3, 7))], 1)
@@ -148,7 +148,7 @@ def test_cached_decode_equals_full_forward_every_step(impl):
             assert torch.allclose(step.logits[:, 0], full[:, t], atol=1e-5), (impl, t)
 
 
-def test_eager_equals_sdpa_with_padding_and_windows():
+def test_eager_equals_sdpa_with_padding_and_windows(build):
     ids, mask = left_pad(PROMPTS)
     with torch.no_grad():
         eager = build(impl="eager")(ids, attention_mask=mask).logits
@@ -157,7 +157,7 @@ def test_eager_equals_sdpa_with_padding_and_windows():
     assert torch.allclose(eager[real], sdpa[real], atol=1e-5)
 
 
-def test_attention_implementation_switch_and_flash_flag():
+def test_attention_implementation_switch_and_flash_flag(tiny_config, build):
     model = build(impl="eager")
     ids = torch.randint(1, VOCAB, (2, 9))
     with torch.no_grad():
@@ -171,14 +171,14 @@ def test_attention_implementation_switch_and_flash_flag():
     except ImportError:
         # Supported by the class; only the missing package stops it (not a "does not support" ValueError).
         with pytest.raises(ImportError, match="FlashAttention2"):
-            ArlowForCausalLM._from_config(tiny_config(), attn_implementation="flash_attention_2")
+            ArlowForCausalLM._from_config(tiny_config("text"), attn_implementation="flash_attention_2")
 
 
 # --------------------------------------------------------------------------------------------- generation
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
-def test_left_padded_batch_generates_what_each_prompt_generates_alone(impl):
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(build, impl):
     model = build(impl=impl)
     ids, mask = left_pad(PROMPTS)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD)
@@ -188,7 +188,7 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(impl):
         assert batch[row].tolist() == alone.tolist(), (impl, row)
 
 
-def test_static_cache_generates_like_dynamic_cache():
+def test_static_cache_generates_like_dynamic_cache(build):
     model = build(impl="sdpa")
     ids, mask = left_pad(PROMPTS)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD)
@@ -199,7 +199,7 @@ def test_static_cache_generates_like_dynamic_cache():
     assert torch.equal(dynamic, no_cache)
 
 
-def test_static_cache_accepts_mask_dict_from_generate():
+def test_static_cache_accepts_mask_dict_from_generate(build):
     """A static cache makes generate pass {layer_type: 4-D mask}; logits match the dynamic path."""
     model = build(impl="eager")
     ids, mask = left_pad(PROMPTS)
@@ -216,7 +216,7 @@ def test_static_cache_accepts_mask_dict_from_generate():
     assert torch.allclose(out[real], ref[real], atol=1e-5)
 
 
-def test_beam_search_and_sampling_are_deterministic_and_cache_consistent():
+def test_beam_search_and_sampling_are_deterministic_and_cache_consistent(build):
     model = build(impl="sdpa")
     ids, mask = left_pad(PROMPTS[:2])
     beam = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=PAD)
@@ -236,7 +236,7 @@ def test_beam_search_and_sampling_are_deterministic_and_cache_consistent():
 # --------------------------------------------------------------------------------------------- positions, RoPE
 
 
-def test_three_and_four_row_positions_with_equal_rows_equal_1d():
+def test_three_and_four_row_positions_with_equal_rows_equal_1d(build):
     model = build()
     ids = torch.randint(1, VOCAB, (2, 9))
     pos = torch.arange(3, 12).expand(2, -1)
@@ -251,8 +251,8 @@ def test_three_and_four_row_positions_with_equal_rows_equal_1d():
     assert not torch.allclose(one, other, atol=1e-3)  # the h row really drives its slots
 
 
-def test_mrope_angles_follow_slot_axes():
-    cfg = tiny_config()
+def test_mrope_angles_follow_slot_axes(tiny_config):
+    cfg = tiny_config("text")
     rotary = ArlowTextRotaryEmbedding(cfg)
     pos = torch.tensor([[[0, 4, 9]], [[1, 2, 3]], [[7, 7, 0]]])  # (3, B=1, S=3)
     cos, sin = rotary(torch.zeros(1), pos)
@@ -264,10 +264,10 @@ def test_mrope_angles_follow_slot_axes():
     assert sorted(set(axes.tolist())) == [0, 1, 2]
 
 
-def test_model_rotary_has_relative_position_property():
+def test_model_rotary_has_relative_position_property(tiny_config):
     from arlow.modeling.rope import apply_rotary
 
-    cfg = tiny_config()
+    cfg = tiny_config("text")
     rotary = ArlowTextRotaryEmbedding(cfg)
     q, k = torch.randn(2, cfg.head_dim, dtype=torch.float64).float()
 
@@ -325,7 +325,7 @@ def test_apply_rotary_equals_the_rotation_formula_with_gradients(dtype, size):
     ],
     ids=lambda r: r["rope_type"],
 )
-def test_rope_variants_use_transformers_init_and_survive_save_load(rope, tmp_path):
+def test_rope_variants_use_transformers_init_and_survive_save_load(build, rope, tmp_path):
     model = build(rope_parameters={"rope_theta": 10000.0, **rope})
     rotary = model.model.rotary_emb
     inv, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](model.config)
@@ -346,7 +346,7 @@ def test_rope_variants_use_transformers_init_and_survive_save_load(rope, tmp_pat
         assert not torch.allclose(rotary.inv_freq, before)
 
 
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(tiny_config, build):
     model = build()
     ids = torch.randint(1, VOCAB, (2, 5))
     with pytest.raises(ValueError, match="position_ids has shape"):
@@ -354,14 +354,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="exactly one of"):
         model(ids, inputs_embeds=torch.zeros(2, 5, 32))
     with pytest.raises(ValueError, match="partial_rotary_factor"):
-        ArlowForCausalLM(tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+        ArlowForCausalLM(tiny_config("text", rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                      "partial_rotary_factor": 0.5}))
 
 
 # --------------------------------------------------------------------------------------------- heads
 
 
-def test_parameter_names_follow_the_fork():
+def test_parameter_names_follow_the_fork(build):
     model = build(attention_bias=True, use_gated_cross_attention=True, num_hidden_layers=2)
     names = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     expected = {"model.embed_tokens.weight": (VOCAB, 32), "model.norm.weight": (32,), "lm_head.weight": (VOCAB, 32),
@@ -381,7 +381,7 @@ def test_parameter_names_follow_the_fork():
     assert torch.equal(model.model.visual_gates, torch.zeros(2))
 
 
-def test_causal_lm_loss_is_fp32_shifted_cross_entropy_with_ignore_index():
+def test_causal_lm_loss_is_fp32_shifted_cross_entropy_with_ignore_index(build):
     model = build()
     ids = torch.randint(1, VOCAB, (2, 8))
     labels = ids.clone()
@@ -397,7 +397,7 @@ def test_causal_lm_loss_is_fp32_shifted_cross_entropy_with_ignore_index():
     assert kept.shape == (2, 1, VOCAB) and torch.allclose(kept[:, 0], out.logits[:, -1], atol=1e-6)
 
 
-def test_sequence_classification_pools_last_non_pad_token():
+def test_sequence_classification_pools_last_non_pad_token(build):
     model = build(ArlowForSequenceClassification, num_labels=3)
     assert "score.bias" not in model.state_dict() and model.score.weight.shape == (3, 32)
     ids = torch.tensor([[PAD, PAD, 5, 6, 7], [8, 9, 10, 11, 12]])
@@ -410,7 +410,7 @@ def test_sequence_classification_pools_last_non_pad_token():
     assert torch.allclose(out.loss, F.cross_entropy(out.logits, labels), atol=1e-6)
 
 
-def test_token_classification_and_question_answering_heads():
+def test_token_classification_and_question_answering_heads(build):
     tok = build(ArlowForTokenClassification, num_labels=5)
     assert tok.score.bias is not None and tok.score.weight.shape == (5, 32)
     ids = torch.randint(1, VOCAB, (2, 6))
@@ -429,7 +429,7 @@ def test_token_classification_and_question_answering_heads():
     assert torch.allclose(out.loss, expected, atol=1e-6)
 
 
-def test_hidden_states_and_attentions_outputs():
+def test_hidden_states_and_attentions_outputs(build):
     model = build(impl="eager")
     ids = torch.randint(1, VOCAB, (2, 6))
     out = model(ids, output_hidden_states=True, output_attentions=True)
@@ -455,7 +455,7 @@ def test_hidden_states_and_attentions_outputs():
     ],
     ids=lambda x: getattr(x, "__name__", ""),
 )
-def test_save_load_round_trip_through_auto_classes(cls, auto, tmp_path):
+def test_save_load_round_trip_through_auto_classes(build, cls, auto, tmp_path):
     model = build(cls, num_labels=3, use_gated_cross_attention=True)
     with torch.no_grad():
         model.model.visual_gates.fill_(0.3) if cls is not ArlowTextModel else model.visual_gates.fill_(0.3)
@@ -475,7 +475,7 @@ def test_save_load_round_trip_through_auto_classes(cls, auto, tmp_path):
             assert torch.equal(out[name], ref[name]), name
 
 
-def test_tied_embeddings_save_only_the_source_and_reload_tied(tmp_path):
+def test_tied_embeddings_save_only_the_source_and_reload_tied(build, tmp_path):
     model = build(tie_word_embeddings=True)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     ids = torch.randint(1, VOCAB, (1, 6))
@@ -493,7 +493,7 @@ def test_tied_embeddings_save_only_the_source_and_reload_tied(tmp_path):
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
 
 
-def test_dtype_and_device_map_loading(tmp_path):
+def test_dtype_and_device_map_loading(build, tmp_path):
     model = build()
     model.save_pretrained(tmp_path)
     ids = torch.randint(1, VOCAB, (2, 7))
@@ -523,7 +523,7 @@ def test_rmsnorm_statistics_in_fp32_then_cast_then_weight():
 # --------------------------------------------------------------------------------------------- training
 
 
-def test_gradient_checkpointing_recomputes_and_gives_same_gradients():
+def test_gradient_checkpointing_recomputes_and_gives_same_gradients(build):
     model = build(initializer_range=0.05)
     model.train()
     ids = torch.randint(1, VOCAB, (2, 8))
@@ -549,7 +549,7 @@ def test_gradient_checkpointing_recomputes_and_gives_same_gradients():
 
 
 @pytest.mark.parametrize("field", ["attention_dropout", "resid_dropout", "mlp_dropout"])
-def test_each_dropout_acts_in_training_only(field):
+def test_each_dropout_acts_in_training_only(build, field):
     model = build(**{field: 0.5})
     ids = torch.randint(1, VOCAB, (2, 6))
     with torch.no_grad():
@@ -569,7 +569,7 @@ def _capture_inputs(module):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_deepstack_adds_exactly_at_visual_positions(gated):
+def test_deepstack_adds_exactly_at_visual_positions(build, gated):
     model = build(ArlowTextModel, use_gated_cross_attention=gated,
                   gated_cross_attention_start_layer=1 if gated else None)
     if gated:
@@ -610,7 +610,7 @@ def test_deepstack_adds_exactly_at_visual_positions(gated):
     assert torch.equal(seen1["x"][~vis], plain[1][~vis])
 
 
-def test_deepstack_gradients_flow_and_inputs_are_checked():
+def test_deepstack_gradients_flow_and_inputs_are_checked(build):
     model = build(ArlowTextModel, use_gated_cross_attention=True)
     model.train()
     ids = torch.randint(1, VOCAB, (1, 5))
@@ -627,13 +627,13 @@ def test_deepstack_gradients_flow_and_inputs_are_checked():
         model(ids, visual_pos_masks=vis, deepstack_visual_embeds={7: feats})
 
 
-def test_missing_visual_gates_are_zero_after_from_pretrained(tmp_path):
+def test_missing_visual_gates_are_zero_after_from_pretrained(build, tmp_path):
     build(num_hidden_layers=2).save_pretrained(tmp_path)  # no gates in the checkpoint
     loaded = ArlowForCausalLM.from_pretrained(tmp_path, use_gated_cross_attention=True)
     assert torch.equal(loaded.model.visual_gates, torch.zeros(2))  # set by _init_weights, not left empty
 
 
-def test_fork_causal_lm_checkpoint_loads_by_name(tmp_path):
+def test_fork_causal_lm_checkpoint_loads_by_name(build, tmp_path):
     """The fork saved ArlowForCausalLM with a flat ``ArlowConfig`` (model_type "arlow"); same tensor names."""
     import json
 
@@ -659,7 +659,7 @@ def test_fork_causal_lm_checkpoint_loads_by_name(tmp_path):
 @pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("last_layer", ["full_attention", "sliding_attention"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_logits_to_keep_computes_the_last_layer_at_kept_rows_only(impl, last_layer, padded):
+def test_logits_to_keep_computes_the_last_layer_at_kept_rows_only(build, impl, last_layer, padded):
     """With ``logits_to_keep=n`` the final layer runs its queries and MLP on the last ``n`` rows only: same logits and
     the same cache (so the same continuation) as the full forward, and the final MLP really sees ``n`` rows."""
     types = ["full_attention", "sliding_attention", last_layer]
@@ -685,7 +685,7 @@ def test_logits_to_keep_computes_the_last_layer_at_kept_rows_only(impl, last_lay
     assert seen == [ids.shape[1], 1, three, 1]
 
 
-def test_logits_to_keep_keeps_full_outputs_when_hidden_states_are_requested():
+def test_logits_to_keep_keeps_full_outputs_when_hidden_states_are_requested(build):
     model = build()
     ids = torch.randint(1, VOCAB, (1, 8))
     with torch.no_grad():

@@ -27,26 +27,28 @@ from arlow.modeling.rope import (
 from arlow.modeling.kernels import blocked_attention as blocked
 from arlow.modeling.vision import locality_bias, normalized_coordinates, rotate_pairs
 from arlow.processing.patches import patchify
-from tiny import tiny_config as make_tiny_config
 
 P, TP, S = 2, 2, 2  # tiny patches keep the pixel rows short (C*Tp*P*P = 24)
 
 
-def tiny_config(**overrides) -> ArlowVisionConfig:
-    return make_tiny_config("vision", **overrides)
+@pytest.fixture
+def tiny_model(tiny_config):
+    """``tiny_model(attn, **overrides)``: a seeded encoder of the tiny vision config (conftest's ``tiny_config``)."""
 
+    def make(attn="sdpa", **overrides) -> ArlowVLVisionModel:
+        torch.manual_seed(0)
+        config = tiny_config("vision", **overrides)
+        model = ArlowVLVisionModel._from_config(config, attn_implementation=attn).eval()
+        # A wider init than the default 0.02 so attention patterns and biases visibly matter in the outputs.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("weight") and p.dim() > 1:
+                    p.normal_(0, 0.3)
+                elif name.endswith("bias"):
+                    p.normal_(0, 0.1)
+        return model
 
-def tiny_model(attn="sdpa", **overrides) -> ArlowVLVisionModel:
-    torch.manual_seed(0)
-    model = ArlowVLVisionModel._from_config(tiny_config(**overrides), attn_implementation=attn).eval()
-    # A wider init than the default 0.02 so attention patterns and biases visibly matter in the outputs.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.dim() > 1:
-                p.normal_(0, 0.3)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+    return make
 
 
 def clip(t: int, h: int, w: int, seed: int) -> torch.Tensor:
@@ -147,7 +149,7 @@ def reference_item(model: ArlowVLVisionModel, rows: torch.Tensor, positions: tor
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("progressive", [False, True])
-def test_matches_reference_derivation(bias, progressive):
+def test_matches_reference_derivation(tiny_model, bias, progressive):
     model = tiny_model(use_deformable_attention=bias, use_progressive_patches=progressive,
                        deepstack_visual_indexes=[0])
     rows, grid = pack([ITEMS[2]])  # a video: 3 temporal patches of 4x4
@@ -159,7 +161,7 @@ def test_matches_reference_derivation(bias, progressive):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_locality_bias_changes_the_output_and_zero_strength_is_a_no_op():
+def test_locality_bias_changes_the_output_and_zero_strength_is_a_no_op(tiny_model):
     rows, grid = pack(ITEMS[:3])
     plain = tiny_model()(rows, grid).last_hidden_state
     biased = tiny_model(use_deformable_attention=True)(rows, grid).last_hidden_state
@@ -192,7 +194,7 @@ def test_normalized_coordinates_use_full_extents():
 # (The 4x6 image has patch pairs exactly one locality window apart, where float32 and the reference's float64 may
 # fall on either side of the cut-off, so it runs without the bias.)
 @pytest.mark.parametrize("items, bias", [([2], True), ([0], False)], ids=["video-4x4", "image-4x6"])
-def test_absolute_position_embedding_matches_reference_derivation(items, bias):
+def test_absolute_position_embedding_matches_reference_derivation(tiny_model, items, bias):
     model = tiny_model(use_deformable_attention=bias, use_progressive_patches=True, deepstack_visual_indexes=[0],
                        num_position_embeddings=9)
     rows, grid = pack([ITEMS[i] for i in items])
@@ -203,7 +205,7 @@ def test_absolute_position_embedding_matches_reference_derivation(items, bias):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_absolute_position_embedding_makes_content_depend_on_place():
+def test_absolute_position_embedding_makes_content_depend_on_place(tiny_model):
     """The same patch content at two places embeds the same without the table (patch embedding and rotary are
     translation-equivariant) and differently with it; every frame of a clip gets the same embedding."""
     frames = torch.zeros(2, 3, 8, 8)
@@ -225,9 +227,9 @@ def test_absolute_position_embedding_makes_content_depend_on_place():
     torch.testing.assert_close(embedded[positions[:, 0] == 0], embedded[positions[:, 0] == 1])
 
 
-def test_absolute_position_table_must_be_square():
+def test_absolute_position_table_must_be_square(tiny_config):
     with pytest.raises(ValueError, match="square"):
-        tiny_config(num_position_embeddings=10)
+        tiny_config("vision", num_position_embeddings=10)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ def test_absolute_position_table_must_be_square():
 
 @pytest.mark.parametrize("bias, progressive, table",
                          [(False, False, 0), (False, True, 0), (True, False, 0), (True, True, 0), (True, True, 9)])
-def test_packed_batch_equals_items_run_alone(bias, progressive, table):
+def test_packed_batch_equals_items_run_alone(tiny_model, bias, progressive, table):
     model = tiny_model(use_deformable_attention=bias, use_progressive_patches=progressive,
                        deepstack_visual_indexes=[0, 1], num_position_embeddings=table)
     rows, grid = pack(ITEMS)
@@ -255,7 +257,7 @@ def test_packed_batch_equals_items_run_alone(bias, progressive, table):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_eager_equals_sdpa(bias, monkeypatch):
+def test_eager_equals_sdpa(tiny_model, bias, monkeypatch):
     import arlow.modeling.vision as vision
 
     eager_calls = []
@@ -324,7 +326,7 @@ def test_blocked_attention_workspace_is_kept_and_works_in_both_no_grad_modes():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_arlow_blocked_cpu_runs_blocked_attention_only_where_chosen(bias, monkeypatch):
+def test_arlow_blocked_cpu_runs_blocked_attention_only_where_chosen(tiny_model, bias, monkeypatch):
     """``attn_implementation="arlow_blocked_cpu"`` runs the blocked kernel in bf16 CPU inference, as close to the
     fp32 result as bf16 SDPA; ``"sdpa"`` never does (no silent swap); training and fp32 fall back to SDPA."""
     calls = []
@@ -350,7 +352,7 @@ def test_arlow_blocked_cpu_runs_blocked_attention_only_where_chosen(bias, monkey
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_frame_attention_equals_each_temporal_slice_run_as_an_image(bias):
+def test_frame_attention_equals_each_temporal_slice_run_as_an_image(tiny_model, bias):
     """Under ``video_attention="frame"`` a video's temporal slices attend within themselves. RoPE scores depend only
     on offsets, so each slice must give what the same rows give as a one-slice item (an image) - other items too."""
     model = tiny_model(use_deformable_attention=bias, use_progressive_patches=True, deepstack_visual_indexes=[0],
@@ -373,7 +375,7 @@ def test_frame_attention_equals_each_temporal_slice_run_as_an_image(bias):
     torch.testing.assert_close(clip_out[: video_tokens.start], out.last_hidden_state[: video_tokens.start])
 
 
-def test_temporal_slice_lengths():
+def test_temporal_slice_lengths(tiny_config):
     from arlow.modeling.vision import temporal_slice_lengths
 
     t = torch.tensor([0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1])
@@ -381,7 +383,7 @@ def test_temporal_slice_lengths():
     with pytest.raises(ValueError, match="grouped by temporal slice"):
         temporal_slice_lengths(torch.tensor([0, 1, 0, 1]), [4])
     with pytest.raises(ValueError, match="video_attention"):
-        tiny_config(video_attention="window")
+        tiny_config("vision", video_attention="window")
 
 
 @pytest.fixture
@@ -405,7 +407,7 @@ def varlen_reference():
     ALL_ATTENTION_FUNCTIONS._global_mapping.pop("flash_varlen_reference", None)
 
 
-def test_flash_path_is_one_varlen_call_per_layer(varlen_reference):
+def test_flash_path_is_one_varlen_call_per_layer(tiny_model, varlen_reference):
     rows, grid = pack(ITEMS)
     model = tiny_model(use_progressive_patches=True)
     want = model(rows, grid).last_hidden_state
@@ -419,7 +421,7 @@ def test_flash_path_is_one_varlen_call_per_layer(varlen_reference):
     assert varlen_reference == [(cu, max(lengths))] * model.config.depth
 
 
-def test_flash_path_with_frame_attention_splits_the_clip(varlen_reference):
+def test_flash_path_with_frame_attention_splits_the_clip(tiny_model, varlen_reference):
     rows, grid = pack(ITEMS)
     model = tiny_model(video_attention="frame")
     want = model(rows, grid).last_hidden_state
@@ -431,7 +433,7 @@ def test_flash_path_with_frame_attention_splits_the_clip(varlen_reference):
     assert varlen_reference[0] == ([0] + torch.tensor(lengths).cumsum(0).tolist(), max(lengths))
 
 
-def test_flash_with_locality_bias_raises(varlen_reference):
+def test_flash_with_locality_bias_raises(tiny_model, varlen_reference):
     model = tiny_model(use_deformable_attention=True)
     model.config._attn_implementation = "flash_varlen_reference"
     with pytest.raises(ValueError, match="arlow_flex"):
@@ -440,7 +442,7 @@ def test_flash_with_locality_bias_raises(varlen_reference):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("video_attention", ["clip", "frame"])
-def test_flex_kernel_equals_eager_with_packing_and_locality_bias(bias, video_attention):
+def test_flex_kernel_equals_eager_with_packing_and_locality_bias(tiny_model, bias, video_attention):
     """``attn_implementation="arlow_flex"``: one flex_attention call over the whole pack (block mask per item, the
     locality bias as a score modification) gives eager attention's output to fp32 rounding (CPU: flex's eager
     reference; the same score/mask functions compile into one kernel on GPUs)."""
@@ -461,8 +463,8 @@ def test_flex_kernel_equals_eager_with_packing_and_locality_bias(bias, video_att
 # RoPE
 
 
-def test_rotation_preserves_norms_and_depends_only_on_offsets():
-    cfg = tiny_config(embed_dim=24, num_heads=2, mrope_sections=[4, 4, 4])  # D = 12
+def test_rotation_preserves_norms_and_depends_only_on_offsets(tiny_config):
+    cfg = tiny_config("vision", embed_dim=24, num_heads=2, mrope_sections=[4, 4, 4])  # D = 12
     D = cfg.head_dim
     inv_freq = rope_inv_freq(D, cfg.rope_theta)
     axes = mrope_slot_axes(cfg.mrope_sections)
@@ -506,7 +508,7 @@ def test_rotate_pairs_gradient():
     assert torch.autograd.gradcheck(lambda v: rotate_pairs(v, angles.cos(), angles.sin()), (x,))
 
 
-def test_model_rotary_table_uses_config_theta_in_fp32():
+def test_model_rotary_table_uses_config_theta_in_fp32(tiny_model):
     model = tiny_model(rope_theta=50.0)
     pos = vision_patch_positions(torch.tensor([[2, 4, 8]]), S)
     cos, sin = model.rotary_pos_emb(pos)
@@ -529,7 +531,7 @@ def windows_of(grid_row) -> torch.Tensor:
     return vision_patch_positions(grid_row[None], S).view(-1, S * S, 3)
 
 
-def test_all_windows_in_shuffled_order_permute_the_tokens():
+def test_all_windows_in_shuffled_order_permute_the_tokens(tiny_model):
     model = tiny_model(use_deformable_attention=True, use_progressive_patches=True, deepstack_visual_indexes=[0])
     rows, grid = pack(ITEMS[:3])
     full = model(rows, grid)
@@ -551,7 +553,7 @@ def test_all_windows_in_shuffled_order_permute_the_tokens():
                                rtol=1e-5)
 
 
-def test_visible_subset_matches_reference():
+def test_visible_subset_matches_reference(tiny_model):
     model = tiny_model(use_deformable_attention=True, use_progressive_patches=True, deepstack_visual_indexes=[1])
     g = torch.Generator().manual_seed(2)
     items = [ITEMS[0], ITEMS[2], ITEMS[3]]
@@ -575,7 +577,7 @@ def test_visible_subset_matches_reference():
                                atol=1e-5, rtol=1e-4)
 
 
-def test_subset_bias_uses_full_grid_extents():
+def test_subset_bias_uses_full_grid_extents(tiny_model):
     """The same visible windows inside a bigger grid are further apart in normalised units: the output changes."""
     model = tiny_model(use_deformable_attention=True)
     rows, grid = patchify(ITEMS[0][:, :, :8, :8], P, TP, S)  # a 4x4 patch grid
@@ -597,7 +599,7 @@ def loss_of(model, rows, grid):
     return out.last_hidden_state.square().mean() + sum(d.square().mean() for d in out.deepstack_features)
 
 
-def test_gradient_reaches_every_parameter():
+def test_gradient_reaches_every_parameter(tiny_model):
     model = tiny_model(use_deformable_attention=True, use_progressive_patches=True,
                        deepstack_visual_indexes=[0, 1]).train()
     loss_of(model, *pack(ITEMS)).backward()
@@ -605,7 +607,7 @@ def test_gradient_reaches_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     rows, grid = pack(ITEMS)
     model = tiny_model(use_deformable_attention=True, use_progressive_patches=True,
                        deepstack_visual_indexes=[0]).train()
@@ -627,7 +629,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # Save / load, Auto classes, names and sizes
 
 
-def test_save_and_load_reproduce_outputs(tmp_path):
+def test_save_and_load_reproduce_outputs(tiny_model, tmp_path):
     model = tiny_model(use_deformable_attention=True, use_progressive_patches=True, depth=6,
                        deepstack_visual_indexes=None)
     assert len(model.deepstack_mergers) == 3
@@ -667,8 +669,8 @@ def expected_keys(depth: int, deepstack: int) -> list[str]:
     return keys
 
 
-def test_parameter_names_and_shapes_follow_the_fork():
-    cfg = tiny_config(depth=6, deepstack_visual_indexes=None, use_deformable_attention=True,
+def test_parameter_names_and_shapes_follow_the_fork(tiny_config):
+    cfg = tiny_config("vision", depth=6, deepstack_visual_indexes=None, use_deformable_attention=True,
                       use_progressive_patches=True)
     assert cfg.deepstack_visual_indexes == [1, 2, 3]
     model = ArlowVLVisionModel(cfg)
@@ -683,7 +685,7 @@ def test_parameter_names_and_shapes_follow_the_fork():
     assert shapes["merger.ln_q.weight"] == (M,)
     assert shapes["merger.mlp.2.weight"] == (cfg.hidden_size, M)
     assert shapes["deepstack_mergers.2.mlp.0.weight"] == (M, M)
-    plain = ArlowVLVisionModel(tiny_config(depth=2))
+    plain = ArlowVLVisionModel(tiny_config("vision", depth=2))
     assert not any(k.startswith(("progressive_proj", "deepstack_mergers")) for k in plain.state_dict())
 
 
@@ -695,7 +697,7 @@ def test_published_parameter_count_on_meta():
     assert sum(p.numel() for p in without.parameters()) == 1_588_297_728
 
 
-def test_class_attributes():
+def test_class_attributes(tiny_model):
     assert ArlowVLVisionModel.main_input_name == "pixel_values"
     assert ArlowVLVisionModel.input_modalities == ("image", "video")
     assert ArlowVLVisionModel._no_split_modules == ["ArlowVLBlock"]
@@ -705,8 +707,8 @@ def test_class_attributes():
     assert tiny_model().blocks[0].attn.is_causal is False
 
 
-def test_init_weights():
-    model = ArlowVLVisionModel(tiny_config(initializer_range=0.05, use_progressive_patches=True))
+def test_init_weights(tiny_config):
+    model = ArlowVLVisionModel(tiny_config("vision", initializer_range=0.05, use_progressive_patches=True))
     assert torch.equal(model.blocks[0].norm1.weight, torch.ones(24))
     assert torch.equal(model.merger.ln_q.bias, torch.zeros(96))
     assert torch.equal(model.blocks[1].fc1.bias, torch.zeros_like(model.blocks[1].fc1.bias))
@@ -718,7 +720,7 @@ def test_init_weights():
 # Outputs, dtypes
 
 
-def test_outputs_tuple_and_hidden_states():
+def test_outputs_tuple_and_hidden_states(tiny_model):
     model = tiny_model(use_progressive_patches=True, deepstack_visual_indexes=[1])
     rows, grid = pack(ITEMS[:2])
     out = model(rows, grid, output_hidden_states=True)
@@ -733,7 +735,7 @@ def test_outputs_tuple_and_hidden_states():
     assert len(tup[1]) == 1 and torch.equal(tup[1][0], out.deepstack_features[0])
 
 
-def test_pixel_values_cast_to_weight_dtype():
+def test_pixel_values_cast_to_weight_dtype(tiny_model):
     model = tiny_model()
     rows, grid = pack(ITEMS[:2])
     want = model(rows, grid).last_hidden_state
@@ -779,7 +781,7 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()))
-def test_bad_input_raises_value_error(case):
+def test_bad_input_raises_value_error(tiny_model, case):
     args, message = _bad_cases()[case]
     model = tiny_model()
     with pytest.raises(ValueError, match=message):
@@ -791,7 +793,7 @@ def test_bad_input_raises_value_error(case):
 # FLOPs
 
 
-def test_flop_formula_matches_the_anchors_and_the_layers():
+def test_flop_formula_matches_the_anchors_and_the_layers(tiny_config):
     from arlow.modeling.flops import linear_flops, transformer_block_flops
     from arlow.modeling.vision import vision_forward_flops
 
@@ -803,7 +805,7 @@ def test_flop_formula_matches_the_anchors_and_the_layers():
     # Packed items do not attend across: two 100-token items cost less attention than one 200-token sequence.
     assert transformer_block_flops([100, 100], 64, 256) < transformer_block_flops([200], 64, 256)
     # The encoder's formula counts 2 FLOPs per multiply-add of every matrix its modules hold, plus attention.
-    cfg = tiny_config(use_progressive_patches=True, deepstack_visual_indexes=[0])
+    cfg = tiny_config("vision", use_progressive_patches=True, deepstack_visual_indexes=[0])
     model = ArlowVLVisionModel(cfg)
     lengths = [32, 16]
     rows, tokens = sum(lengths), sum(lengths) // (S * S)
