@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from .modeling.multimodal import ArlowForConditionalGeneration
 from .modeling.text import ArlowForCausalLM
 from .processing import ArlowImageProcessor, ArlowProcessor, ArlowVideoProcessor, load_default_tokenizer
 from .processing.tokenizer import EOS_TOKEN, MULTIMODAL_SPECIAL_TOKENS, NAMED_MULTIMODAL_TOKENS, default_chat_template
-from .training.checkpoint import share_modes
+from .training.checkpoint import publish_folder
 
 __all__ = ["PRESETS", "build_preset", "assemble", "save_model_dir", "create_model", "run"]
 
@@ -293,21 +291,14 @@ def save_model_dir(model, processor: ArlowProcessor, output: str | Path, *, over
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"{output} exists and is not empty; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        if dtype is not None:
-            model = model.to(dtype)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        share_modes(tmp)  # mkdtemp and save_pretrained make it private; a model folder is meant to be shared
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return output
+    if dtype is not None:
+        model = model.to(dtype)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    return publish_folder(output, write)
 
 
 def create_model(output: str | Path, *, preset: str | None = None, vision_encoder: str | Path | None = None,

@@ -116,7 +116,6 @@ def _probe(parser: argparse.ArgumentParser) -> None:
                              "busy machine)")
 
 
-# command -> (module with ``run(args)``, help, arguments)
 def _prepare_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder: OUT/images and OUT/videos are written")
     parser.add_argument("--config", default=None, help="recipe whose data section names the sources and the crop "
@@ -147,6 +146,7 @@ def _prepare_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.resolution=224")
 
 
+# command -> (module with ``run(args)``, help, arguments)
 COMMANDS = {
     "pretrain": ("arlow.pretrain.run", "MAE pretraining of the vision encoder (no arguments: a tiny demo run)",
                  _pretrain),

@@ -37,6 +37,7 @@ from .clips import UnreadableMediaError, read_clip
 __all__ = [
     "IMAGE_EXTENSIONS", "TAR_IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "ImageSource", "ImageList", "HFImageDataset",
     "TarShards", "VideoList", "image_source", "video_source", "first_readable", "expand_shards", "builtin_media",
+    "resolve_builtin",
 ]
 
 logger = logging.getLogger("arlow.pretrain.data")
@@ -462,3 +463,10 @@ def builtin_media() -> tuple[list[str], list[str]]:
     if not images or not videos:
         raise FileNotFoundError(f"the built-in media are missing from {root}: reinstall arlow")
     return images, videos
+
+
+def resolve_builtin(images, videos) -> tuple:
+    """A recipe's ``data.images`` / ``data.videos`` with the word ``"builtin"`` replaced by the shipped media lists
+    (:func:`builtin_media`); any other value (a path, a list, ``None``) is returned as it is."""
+    builtin_images, builtin_videos = builtin_media()
+    return (builtin_images if images == "builtin" else images, builtin_videos if videos == "builtin" else videos)

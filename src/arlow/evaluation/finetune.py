@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .features import pooled_features
+
 __all__ = ["FinetuneConfig", "finetune_accuracy", "random_shift"]
 
 
@@ -51,12 +53,6 @@ def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> tor
     return padded.flatten(2).gather(2, index).view(n, c, h, w)
 
 
-def _default_features(encoder: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    from .features import pooled_features
-
-    return pooled_features(encoder, pixels)
-
-
 def finetune_accuracy(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                       test_y: torch.Tensor, num_classes: int, config: FinetuneConfig | None = None,
                       features_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> dict:
@@ -66,7 +62,7 @@ def finetune_accuracy(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.
     ``features_fn(encoder, pixels) -> (B, D)`` pools the encoder's output (default: Arlow's default probe feature).
     """
     config = config or FinetuneConfig()
-    features_fn = features_fn or _default_features
+    features_fn = features_fn or pooled_features
     if train_x.dim() != 4 or train_y.shape != (train_x.shape[0],) or test_y.shape != (test_x.shape[0],):
         raise ValueError(f"need images (n, C, H, W) with labels (n,), got {tuple(train_x.shape)} / "
                          f"{tuple(train_y.shape)} and {tuple(test_x.shape)} / {tuple(test_y.shape)}")

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from ..modeling.vision import ArlowVLVisionModel
-from ..training.checkpoint import share_modes
+from ..training.checkpoint import publish_folder
 from ..processing.image import ArlowImageProcessor
 from ..processing.video import ArlowVideoProcessor
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining
@@ -82,29 +80,17 @@ def export_checkpoint(model: ArlowMAEForPreTraining, checkpoint_dir: str | Path,
     vc = model.config.vision_config
     image_processor, video_processor = _processors(vc)
 
-    def atomic(name: str, write):
-        final = checkpoint_dir / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=checkpoint_dir))
-        try:
-            write(tmp)
-            share_modes(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    atomic("vision_encoder", lambda d: model.encoder.save_pretrained(d, safe_serialization=True))
-    atomic("image_processor", lambda d: image_processor.save_pretrained(d))
-    atomic("video_processor", lambda d: video_processor.save_pretrained(d))
+    publish_folder(checkpoint_dir / "vision_encoder",
+                   lambda d: model.encoder.save_pretrained(d, safe_serialization=True))
+    publish_folder(checkpoint_dir / "image_processor", image_processor.save_pretrained)
+    publish_folder(checkpoint_dir / "video_processor", video_processor.save_pretrained)
 
     def write_decoder(d: Path):
         model.config.save_pretrained(d)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
         save_file(state, str(d / "decoder.safetensors"), metadata={"format": "pt"})
 
-    atomic("mae_decoder", write_decoder)
+    publish_folder(checkpoint_dir / "mae_decoder", write_decoder)
     processor_config = {"image_processor": image_processor.to_dict(), "video_config": video_processor.to_dict()}
     (checkpoint_dir / "processor_config.json").write_text(json.dumps(processor_config, indent=2, default=str) + "\n")
     (checkpoint_dir / "pretrain_meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..data.augment import image_normalisation
 from ..processing.patches import unpatchify
@@ -137,8 +137,6 @@ def save_reconstruction_grid(model: ArlowMAEForPreTraining, batch: dict, path: s
 
 def side_by_side(paths: list[str | Path], labels: list[str], output: str | Path, gap: int = 12) -> Path:
     """Put PNG grids next to each other, each under its label (e.g. the first and the last checkpoint's)."""
-    from PIL import ImageDraw
-
     if len(paths) != len(labels) or not paths:
         raise ValueError("side_by_side needs one label per image and at least one image")
     images = [Image.open(p).convert("RGB") for p in paths]

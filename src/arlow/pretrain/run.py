@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ..data.augment import image_normalisation
-from ..data.sources import builtin_media
+from ..data.shards import is_prepared
+from ..data.sources import resolve_builtin
 from ..training import TrainConfig, Trainer
 from ..configuration import ArlowVisionConfig
 from ..training.config import check_keys, init_keys
@@ -37,6 +38,7 @@ from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from .packing import collate_items
 from .plan import accumulation_for, check_plan, run_plan
 from .reconstruct import save_reconstruction_grid, side_by_side
+from .stream import StreamingPretrainData
 
 __all__ = ["load_recipe", "build_model", "build_data", "pretrain", "run"]
 
@@ -71,12 +73,7 @@ def build_model(model_section: dict) -> ArlowMAEForPreTraining:
 def build_data(data_section: dict, vision_config, seed: int) -> PretrainData:
     section = dict(data_section or {})
     section.pop("tokens_per_step", None)  # a step size, not a pipeline setting (see resolve_accumulation)
-    images, videos = section.pop("images", "builtin"), section.pop("videos", None)
-    builtin_images, builtin_videos = builtin_media()
-    if images == "builtin":
-        images = builtin_images
-    if videos == "builtin":
-        videos = builtin_videos
+    images, videos = resolve_builtin(section.pop("images", "builtin"), section.pop("videos", None))
     rank, world = rank_and_world()
     for key in ("scale", "ratio"):
         if key in section:
@@ -88,9 +85,6 @@ def build_data(data_section: dict, vision_config, seed: int) -> PretrainData:
 def data_class(images, videos) -> type[PretrainData]:
     """:class:`StreamingPretrainData` for prepared sets (``arlow prepare-data`` output, local or a URL),
     :class:`PretrainData` for files."""
-    from ..data.shards import is_prepared
-    from .stream import StreamingPretrainData
-
     return StreamingPretrainData if any(is_prepared(s) for s in (images, videos)) else PretrainData
 
 
@@ -166,10 +160,7 @@ def _preview_batch(data_section: dict | None, vision_config, num_items: int):
         return None
 
     section = dict(data_section or {})
-    images, videos = section.get("images", "builtin"), section.get("videos")
-    builtin_images, builtin_videos = builtin_media()
-    images = builtin_images if images == "builtin" else images
-    videos = builtin_videos if videos == "builtin" else videos
+    images, videos = resolve_builtin(section.get("images", "builtin"), section.get("videos"))
     data = data_class(images, videos)(
         images, videos, vision_config=vision_config, resolution=section.get("resolution", 224), augment=False,
         shuffle=False, clip_frames=section.get("clip_frames", 16), frame_stride=section.get("frame_stride", 4),

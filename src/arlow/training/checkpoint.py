@@ -26,6 +26,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -177,6 +178,24 @@ def share_modes(root: str | Path) -> None:
             os.chmod(os.path.join(dirpath, name), 0o755)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)
+
+
+def publish_folder(final: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` fills a temporary sibling of ``final``, which then gets :func:`share_modes` and replaces
+    ``final``: an interrupted or failed write never leaves a half-written folder (nor a temporary one) behind."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        share_modes(tmp)  # mkdtemp and save_pretrained make it private; a published folder is meant to be shared
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _fsync_tree(root: Path) -> None:

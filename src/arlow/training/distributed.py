@@ -13,13 +13,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
+from accelerate.utils import (DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType,
+                               FullyShardedDataParallelPlugin)
 
 from .config import TrainConfig
 
@@ -183,9 +185,6 @@ def _shard_on_cpu(accelerator) -> None:
     trains with plain DDP without a word; FSDP2's ``fully_shard`` itself works on a CPU device mesh over gloo, so
     the accelerator is switched to accelerate's own FSDP2 path (the plugin read from the launcher's FSDP_*
     variables)."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
         raise ValueError(
@@ -224,8 +223,6 @@ def synchronize(device: torch.device) -> None:
 def allreduce_bandwidth(device: torch.device, probe_bytes: int | None = None) -> float:
     """Bytes per second of an all-reduce over the default process group, measured on a probe buffer (64 MiB on
     GPUs, large enough that latency is negligible; 4 MiB on CPUs). A collective: every process calls it."""
-    import time
-
     if probe_bytes is None:
         probe_bytes = (64 << 20) if device.type != "cpu" else (4 << 20)
     buffer = torch.zeros(probe_bytes // 4, dtype=torch.float32, device=device)
