@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -153,8 +154,6 @@ def render_clip(motion: Motion, frames: int = 8, size: int = 112) -> np.ndarray:
 
 
 def _write_clip(path: Path, frames: np.ndarray, fps: float) -> None:
-    import av
-
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=int(fps))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
