@@ -120,16 +120,16 @@ class Context:
 # shared builders
 
 
-def image_batch(ctx: Context, n_images: int, seed: int = 0):
+def image_batch(ctx: Context, n_images: int, seed: int = 0, device=None):
     """``n_images`` random images (224 px; 112 px in quick mode) as the data pipeline packs them: patch rows on the
-    device, ``grid_thw`` on the host (the engine leaves it there: ``host_input_names``)."""
+    device (or ``device``), ``grid_thw`` on the host (the engine leaves it there: ``host_input_names``)."""
     torch = ctx.torch
     from arlow.processing.patches import patchify
 
     res = 112 if ctx.quick else 224
     g = torch.Generator().manual_seed(seed)
     rows, grids = zip(*(patchify(torch.rand(2, 3, res, res, generator=g), 14, 2, 2) for _ in range(n_images)))
-    return torch.cat(rows).to(ctx.device), torch.stack(grids)
+    return torch.cat(rows).to(device or ctx.device), torch.stack(grids)
 
 
 def mae_config(ctx: Context, depth: int, attn: str = "sdpa"):
@@ -501,8 +501,8 @@ class SyntheticImages:
     def __iter__(self):
         while True:
             self.position += 1
-            px, grid = image_batch(self.ctx, self.n_images, seed=self.position)
-            yield {"pixel_values": px.cpu(), "grid_thw": grid, "num_tokens": px.shape[0], "num_samples": self.n_images}
+            px, grid = image_batch(self.ctx, self.n_images, seed=self.position, device="cpu")
+            yield {"pixel_values": px, "grid_thw": grid, "num_tokens": px.shape[0], "num_samples": self.n_images}
 
     def state_dict(self):
         return {"position": self.position}
@@ -634,6 +634,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # CPU rehearsal
     work = Path(args.work or tempfile.mkdtemp(prefix="arlow-gpu-check-"))
