@@ -296,12 +296,50 @@ def step_attention(ctx: Context) -> None:
     result("arlow-flex", "PASS" if ok["arlow-flex"] else "FAIL",
            "vs eager on the device; " + "; ".join(notes["arlow-flex"]) + suffix +
            ("" if flex_grads else "; no gradients on CPU (flex trains on GPUs only)"))
+    flex_lengths(ctx)
     if ctx.cuda:  # which kernel to pick: bf16 forward + backward of the pack, the locality bias on
         m16 = copy.deepcopy(dev).to(torch.bfloat16).train()
         times = {impl: ctx.timed(lambda impl=impl: run(m16, impl, True, torch.bfloat16, grad=True), 10)
                  for impl in ("sdpa", "arlow_flex", "eager")}
         info("bf16 fwd+bwd of the pack with the bias, 2 blocks: " +
              ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))
+
+
+def flex_lengths(ctx: Context) -> None:
+    """The compiled flex kernel over several pack lengths (a run's packs vary): equal to flex's eager reference, and
+    compiled at most twice (the first length static, then one symbolic kernel). On CPUs one length: inductor cannot
+    compile CPU flex with a symbolic length (torch 2.13), and arlow_flex runs flex's eager reference there anyway."""
+    torch = ctx.torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from arlow.modeling.kernels import flex_attention as flex
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = flex.flex_attention_eager(), flex._compiled_flex()
+    heads, dim = (2, 16) if ctx.quick else (24, 64)
+    g = torch.Generator().manual_seed(0)
+    packs = [[96, 64, 32, 64]] + ([[64, 64], [256, 192, 64], [1024, 512, 320, 64]] if ctx.cuda else [])
+    worst, first = 0.0, 0
+    for lengths in packs:
+        n = sum(lengths)
+        q, k, v = (torch.randn(1, heads, n, dim, generator=g).to(ctx.device) for _ in range(3))
+        cu = torch.tensor([0] + lengths).cumsum(0)
+        coords = torch.rand(n, 3, generator=g).to(ctx.device)
+        outs = []
+        for kernel in (eager, compiled):
+            flex._flex = lambda device, kernel=kernel: kernel
+            with torch.no_grad():
+                outs.append(flex.pack_attention(q, k, v, cu, dim ** -0.5, coords, 4.0, 0.25))
+        worst = max(worst, rel(outs[1], outs[0]))
+        first = first or counters["stats"]["unique_graphs"]  # graphs one compilation makes
+    flex._flex = flex.select_kernel
+    graphs = counters["stats"]["unique_graphs"]
+    ok = worst < 1e-4 and graphs <= 2 * first
+    result("flex-lengths", "PASS" if ok else "FAIL",
+           f"compiled kernel vs eager reference over pack lengths {[sum(p) for p in packs]}: worst rel {worst:.1e} "
+           f"(tol 1e-4); {graphs} graphs compiled, {first} for the first length (at most two compilations)")
 
 
 def step_mfu(ctx: Context) -> None:

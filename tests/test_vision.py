@@ -467,7 +467,7 @@ def test_compiled_flex_kernel_equals_its_eager_reference(monkeypatch):
     from arlow.modeling.kernels import flex_attention as flex
 
     torch._dynamo.reset()
-    eager = flex._flex(torch.device("cpu"))
+    eager = flex.flex_attention_eager()
     g = torch.Generator().manual_seed(0)
     lengths = [96, 64, 32, 64]
     n = sum(lengths)

@@ -41,10 +41,19 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def _flex(device: torch.device):
+def flex_attention_eager():
+    """Flex's unfused reference (correct everywhere; materialises each ``(N, N)`` score matrix)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return _compiled_flex() if device.type == "cuda" else flex_attention
+    return flex_attention
+
+
+def select_kernel(device: torch.device):
+    """The compiled kernel on GPUs, the eager reference elsewhere (CPU flex has no backward)."""
+    return _compiled_flex() if device.type == "cuda" else flex_attention_eager()
+
+
+_flex = select_kernel  # the kernel pack_attention calls (a module attribute, so checks can swap it)
 
 
 def pack_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
