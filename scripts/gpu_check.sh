@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# scripts/gpu_check.sh - Arlow's device check, in one bounded run (about 8 minutes on one H100).
+# scripts/gpu_check.sh - Arlow's device check, in one bounded run (GPU_CHECK_BUDGET, 480 s by default).
 #
 #     bash scripts/gpu_check.sh                    # every step on the GPU
-#     DEVICE=cpu bash scripts/gpu_check.sh         # rehearsal on the CPU with tiny shapes (about 4 minutes on 2 cores)
+#     DEVICE=cpu bash scripts/gpu_check.sh         # rehearsal on the CPU, tiny shapes (216 s on 2 cores)
 #     bash scripts/gpu_check.sh attention mfu      # some steps (names: python scripts/gpu_check.py --list)
 #
 # The steps are in scripts/gpu_check.py (its docstring says what each one checks); this wrapper installs carried
