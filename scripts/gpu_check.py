@@ -149,7 +149,8 @@ def build_mae(ctx: Context, depth: int, attn: str = "sdpa", seed: int = 0):
 
     torch.manual_seed(seed)
     with torch.device(ctx.device):
-        return ArlowMAEForPreTraining(mae_config(ctx, depth, attn)).train()
+        model = ArlowMAEForPreTraining(mae_config(ctx, depth, attn))
+    return model.to(ctx.device).train()  # anything created with an explicit CPU device follows
 
 
 def window_noise(grid, seed: int):
