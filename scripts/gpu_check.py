@@ -27,6 +27,8 @@ Steps (full sizes; ``--quick`` shrinks every model to a few hundred thousand par
                  tokens, bf16 tokens/s, the VLM with its vision tower on arlow_flex against sdpa
   ddp, fsdp2     one process through ``torchrun`` / ``accelerate launch --config_file configs/accelerate/fsdp.yaml``
                  training a small MAE with the engine for a few steps (FSDP2: parameters are DTensors)
+  zero2          the same under DeepSpeed ZeRO-2 (the shipped JSON) in fp16 with loss scaling, the card's setting
+                 (bf16 on CPUs); skipped when DeepSpeed is not installed
   pretrain       ``arlow pretrain --config model_card`` end to end (4 blocks, built-in media, bf16, 20 steps): exit
                  status, log fields (mfu, compute_time, comm_time), the export (needs PyAV)
 
@@ -51,7 +53,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("env", "attention", "mfu", "compile", "checkpointing", "generate", "ddp", "fsdp2", "pretrain")
+STEPS = ("env", "attention", "mfu", "compile", "checkpointing", "generate", "ddp", "fsdp2", "zero2", "pretrain")
 CARD = dict(embed_dim=1536, num_heads=24, hidden_size=3072)  # the published encoder's width (depth 48)
 QUICK = dict(embed_dim=64, num_heads=2, hidden_size=64)
 RESULTS: list[tuple[str, str, str]] = []
@@ -560,7 +562,9 @@ def worker(ctx: Context, kind: str, out: Path) -> None:
 
     model = build_mae(ctx, 2)
     model.to("cpu")  # as the CLI hands it over: the engine places it
-    cfg = TrainConfig(output_dir=str(out / "run"), max_steps=6, log_every=2, warmup_steps=1, precision="bf16",
+    zero2 = kind == "zero2"
+    cfg = TrainConfig(output_dir=str(out / "run"), max_steps=6, log_every=2, warmup_steps=1,
+                      precision="fp16" if zero2 and ctx.cuda else "bf16", deepspeed_config="zero2" if zero2 else None,
                       save_every=0, tensorboard=False, progress_bar=False, cpu=not ctx.cuda)
     trainer = Trainer(cfg, model, SyntheticImages(ctx, 4),
                       flops_per_batch=lambda b: mae_train_flops(model.config, b["grid_thw"]))
@@ -570,10 +574,14 @@ def worker(ctx: Context, kind: str, out: Path) -> None:
     (out / "result.json").write_text(json.dumps({
         "distributed_type": str(trainer.accelerator.distributed_type), "world": trainer.accelerator.num_processes,
         "dtensor_params": sharded, "params": sum(1 for _ in trainer.model.parameters()),
-        "loss": summary["last_step_loss"], "last": records[-1], "torch": torch.__version__}, default=str))
+        "loss": summary["last_step_loss"], "last": records[-1], "torch": torch.__version__,
+        "precision": cfg.precision}, default=str))
 
 
 def step_launch(ctx: Context, kind: str) -> None:
+    if kind == "zero2" and importlib.util.find_spec("deepspeed") is None:
+        result(kind, "SKIP", "DeepSpeed is not installed (carry a wheel built with pip wheel --no-deps deepspeed)")
+        return
     out = ctx.work / kind
     (out / "run").mkdir(parents=True, exist_ok=True)
     for stale in (out / "run").iterdir():  # a fresh run refuses an output folder with checkpoints
@@ -581,7 +589,7 @@ def step_launch(ctx: Context, kind: str) -> None:
     me = [str(Path(__file__).resolve()), "--device", ctx.device.type, "--worker", kind, "--work", str(out)]
     if ctx.quick:
         me.append("--quick")
-    if kind == "ddp":
+    if kind in ("ddp", "zero2"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *me]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -597,9 +605,13 @@ def step_launch(ctx: Context, kind: str) -> None:
     r = json.loads(res.read_text())
     last = r["last"]
     ok = math.isfinite(r["loss"]) and all(last.get(k) is not None for k in ("mfu", "compute_time", "comm_time"))
-    figures = (f"{r['distributed_type']}, {r['world']} process, 6 bf16 steps in {took:.0f} s (launch included): loss "
+    figures = (f"{r['distributed_type']}, {r['world']} process, 6 {r['precision']} steps in {took:.0f} s (launch "
+               f"included): loss "
                f"{r['loss']:.3f}, compute_time {last['compute_time']:.3f} s, comm_time {last['comm_time']:.3f} s, "
                f"mfu {100 * (last['mfu'] or 0):.1f}%")
+    if kind == "zero2":
+        figures += f", loss_scale {last.get('loss_scale')}, overflow_skipped {last.get('overflow_skipped')}"
+        ok &= "DEEPSPEED" in r["distributed_type"]
     if kind == "fsdp2":
         figures += f", {r['dtensor_params']}/{r['params']} parameters are DTensors"
         if ctx.cuda:
@@ -653,6 +665,7 @@ def step_pretrain(ctx: Context) -> None:
 RUNNERS = {"env": step_env, "attention": step_attention, "mfu": step_mfu, "compile": step_compile,
            "checkpointing": step_checkpointing, "generate": step_generate,
            "ddp": lambda ctx: step_launch(ctx, "ddp"), "fsdp2": lambda ctx: step_launch(ctx, "fsdp2"),
+           "zero2": lambda ctx: step_launch(ctx, "zero2"),
            "pretrain": step_pretrain}
 
 
@@ -663,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (the CPU rehearsal)")
     parser.add_argument("--work", default=os.environ.get("GPU_CHECK_WORK"), help="scratch folder")
     parser.add_argument("--list", action="store_true", help="print the step names and exit")
-    parser.add_argument("--worker", choices=["ddp", "fsdp2"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ddp", "fsdp2", "zero2"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.list:
         print(" ".join(STEPS))

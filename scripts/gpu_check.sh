@@ -57,9 +57,9 @@ log "repo $ROOT, $("$PY" --version 2>&1), DEVICE=$DEVICE, budget ${BUDGET}s, wor
 
 # Most important first: a run cut short by the budget still answers "does it import, is it right, is it fast".
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(env attention mfu generate checkpointing compile pretrain fsdp2 ddp)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(env attention mfu generate checkpointing compile pretrain fsdp2 ddp zero2)
 declare -A LIMIT=([env]=60 [attention]=240 [mfu]=300 [generate]=150 [checkpointing]=120 [compile]=240
-                  [pretrain]=240 [fsdp2]=120 [ddp]=120)
+                  [pretrain]=240 [fsdp2]=120 [ddp]=120 [zero2]=180)
 for step in "${STEPS[@]}"; do
     limit=${LIMIT[$step]:-120}
     avail=$(( $(left) - 5 ))
