@@ -2,7 +2,8 @@
 # scripts/gpu_check.sh - Arlow's device check, in one bounded run (GPU_CHECK_BUDGET, 480 s by default).
 #
 #     bash scripts/gpu_check.sh                    # every step on the GPU
-#     DEVICE=cpu bash scripts/gpu_check.sh         # rehearsal on the CPU, tiny shapes (216 s on 2 cores)
+#     DEVICE=cpu bash scripts/gpu_check.sh         # rehearsal on the CPU, tiny shapes (224 s on 2 cores; +2 min the
+#                                                  # first time DeepSpeed JIT-builds its CPU op)
 #     bash scripts/gpu_check.sh attention mfu      # some steps (names: python scripts/gpu_check.py --list)
 #
 # The steps are in scripts/gpu_check.py (its docstring says what each one checks); this wrapper installs carried
