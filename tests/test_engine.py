@@ -196,6 +196,16 @@ def test_cpu_training_tells_deepspeed_its_accelerator(tmp_path):
     assert "Setting accelerator to CPU" not in proc.stderr  # no warning to cut through the progress bar
 
 
+def test_fsdp_launch_with_a_deepspeed_config_is_refused(monkeypatch):
+    """An FSDP accelerate config plus train.deepspeed_config (the model_card recipe's zero2) is one launcher too many;
+    accelerate would keep one of them silently."""
+    from arlow.training.distributed import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="train.deepspeed_config=null for FSDP"):
+        build_accelerator(TrainConfig(output_dir="o", max_steps=1, deepspeed_config="zero2"), torch.nn.Linear(2, 2))
+
+
 def test_fp16_refused_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="fp16' needs a GPU"):
         Trainer(make_config(tmp_path, precision="fp16"), build_model(ToySpec()), ToyData(ToySpec()))

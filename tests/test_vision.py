@@ -459,6 +459,36 @@ def test_flex_kernel_equals_eager_with_packing_and_locality_bias(tiny_model, bia
         flex.train()(rows, grid)
 
 
+@pytest.mark.slow
+def test_compiled_flex_kernel_equals_its_eager_reference(monkeypatch):
+    """The compiled kernel (what GPUs run; inductor compiles flex for CPUs too) on a pack of unequal items with the
+    locality bias gives what flex's eager reference gives. Guards the score modification's form: reading an
+    ``(N, 3)`` coordinate table as ``c[q][axis]`` compiled into wrong scores (max error 3.3 here) while eager was
+    right. One length only: CPU inductor (torch 2.13) cannot compile flex with a symbolic length, which the GPU
+    kernel uses from the second length on (scripts/gpu_check.py checks that on the device). About 15 s."""
+    from arlow.modeling.kernels import flex_attention as flex
+
+    torch._dynamo.reset()
+    eager = flex.flex_attention_eager()
+    g = torch.Generator().manual_seed(0)
+    lengths = [96, 64, 32, 64]
+    n = sum(lengths)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    coords = torch.rand(n, 3, generator=g)
+    with torch.no_grad():
+        monkeypatch.setattr(flex, "_flex", lambda device: eager)
+        want = flex.pack_attention(q, k, v, cu, 0.25, coords, 4.0, 0.25)
+        monkeypatch.setattr(flex, "_flex", lambda device: flex._compiled_flex())
+        got = flex.pack_attention(q, k, v, cu, 0.25, coords, 4.0, 0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and the reference itself is item-local: the first item alone gives its rows
+    with torch.no_grad():
+        monkeypatch.setattr(flex, "_flex", lambda device: eager)
+        alone = flex.pack_attention(q[:, :, :96], k[:, :, :96], v[:, :, :96], cu[:2], 0.25, coords[:96], 4.0, 0.25)
+    torch.testing.assert_close(want[:, :96], alone, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # RoPE
 

@@ -138,6 +138,12 @@ def build_accelerator(config: TrainConfig, model: torch.nn.Module | None = None)
     """
     on_cpu = use_cpu(config)
     check_precision(config, on_cpu)
+    if uses_fsdp() and uses_deepspeed(config):
+        # accelerate would take one and drop the other without a word
+        raise ValueError(
+            "the launcher asked for FSDP (accelerate launch with an FSDP config) and the training config for DeepSpeed "
+            f"(train.deepspeed_config={config.deepspeed_config}); pick one: train.deepspeed_config=null for FSDP "
+            "(the model_card recipe sets zero2), or launch without the FSDP config for DeepSpeed")
     if on_cpu:
         # Else DeepSpeed, when installed, guesses its accelerator at its first use (possibly mid-run, through the
         # progress bar) and logs "Setting accelerator to CPU ..." about it.

@@ -9,7 +9,8 @@ default) the encoder could not use it. ``flex_attention`` generates one kernel f
 * a *score modification* adding the locality bias ``-strength * d - 100 * strength * [d > window]`` from the
   rows' normalised (t, h, w) coordinates, computed per tile in registers (the dense ``(N, N)`` bias never exists).
 
-On GPUs the kernel is compiled (``torch.compile(flex_attention)``, once per process and shape family); elsewhere
+On GPUs the kernel is compiled (``torch.compile(flex_attention)``: twice per process, the second time with the
+pack length symbolic, see ``_compiled_flex``); elsewhere
 flex runs its eager reference (correct, unfused: for tests and CPU rehearsals). Calls that are not the vision
 pack (a text model loaded with this implementation) go to SDPA unchanged.
 """
@@ -30,15 +31,29 @@ WHOLE_PACK = True  # takes the whole pack: (1, H, N, D) with cu_seq_lens_q and l
 
 @functools.cache
 def _compiled_flex():
+    """The fused kernel. Shapes are left to dynamo's automatic dynamism (not ``dynamic=False``): a pack's length
+    changes from batch to batch, and with static shapes every new length compiled a new kernel until dynamo's
+    recompile limit (8) sent the rest of the run to flex's unfused eager path, which materialises every ``(N, N)``
+    score matrix. Automatic dynamism compiles once for the first length and once, symbolically, on the second, then
+    never again (measured: 2 graphs for 5 lengths, against one per length)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
-def _flex(device: torch.device):
+def flex_attention_eager():
+    """Flex's unfused reference (correct everywhere; materialises each ``(N, N)`` score matrix)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return _compiled_flex() if device.type == "cuda" else flex_attention
+    return flex_attention
+
+
+def select_kernel(device: torch.device):
+    """The compiled kernel on GPUs, the eager reference elsewhere (CPU flex has no backward)."""
+    return _compiled_flex() if device.type == "cuda" else flex_attention_eager()
+
+
+_flex = select_kernel  # the kernel pack_attention calls (a module attribute, so checks can swap it)
 
 
 def pack_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -73,11 +88,13 @@ def pack_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     block_mask = create_block_mask(same_item, None, None, n, n, device=device)
     score_mod = None
     if coords is not None:
-        c = coords.float()
+        # one contiguous 1-D table per axis, read with scalar indices: the compiled kernel mis-read rows of the
+        # (N, 3) table indexed as c[q][axis] (wrong scores on compiled CPU flex; eager flex was right)
+        ct, ch, cw = (axis.contiguous() for axis in coords.float().unbind(1))
 
         def score_mod(score, b, h, q, kv):
-            diff = c[q] - c[kv]
-            d = torch.sqrt(diff[0] * diff[0] + diff[1] * diff[1] + diff[2] * diff[2])
+            dt, dh, dw = ct[q] - ct[kv], ch[q] - ch[kv], cw[q] - cw[kv]
+            d = torch.sqrt(dt * dt + dh * dh + dw * dw)
             bias = -strength * d
             if window > 0:
                 bias = bias - (d > window).to(d.dtype) * (100.0 * strength)
