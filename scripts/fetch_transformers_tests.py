@@ -20,15 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "transformers-tests"
 
 
+def _download_sdist(version: str, folder: str) -> None:
+    """``pip download`` the sdist. pip reads its metadata, which needs a setuptools that can build wheels: first the
+    one installed (no download); a venv's own bundled setuptools (65.x, without ``wheel``) cannot, so then pip's
+    isolated build environment, which takes setuptools from the package index."""
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "transformers",
+               f"transformers=={version}", "-d", folder]
+    if subprocess.run(command + ["--no-build-isolation"], capture_output=True).returncode != 0:
+        subprocess.run(command, check=True)
+
+
 def fetch(version: str = transformers.__version__, cache: Path = CACHE) -> Path:
     """Download ``transformers==version``'s sdist and unpack its ``tests/`` into ``cache/<version>/tests``."""
     target = cache / version / "tests"
     if (target / "test_modeling_common.py").is_file():
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        # --no-build-isolation: pip still reads the sdist's metadata, with the setuptools already installed.
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "transformers",
-                        "--no-build-isolation", f"transformers=={version}", "-d", tmp], check=True)
+        _download_sdist(version, tmp)
         sdist = next(Path(tmp).glob("transformers-*.tar.gz"))
         prefix = f"{sdist.name[:-len('.tar.gz')]}/tests/"
         staging = Path(tempfile.mkdtemp(dir=cache.mkdir(parents=True, exist_ok=True) or cache))
