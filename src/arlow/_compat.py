@@ -6,12 +6,40 @@ rest of the package imports these names from here instead of from transformers.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_utils import PreTrainedModel
 
-__all__ = ["ActivationCheckpointingCompat", "UNMARKED", "build_sub_configs", "declare_sub_configs",
-           "offsets_in_prompt", "slice_logits_to_keep"]
+__all__ = ["CACHE", "ActivationCheckpointingCompat", "UNMARKED", "build_sub_configs", "declare_sub_configs",
+           "offsets_in_prompt", "output_cache", "take_cache", "slice_logits_to_keep"]
+
+
+# transformers >= 5.25 names the key/value cache `cache` (generate passes `cache=`, outputs carry a `cache` field,
+# the mask builders take `cache=`); 5.17-5.24 call it `past_key_values` everywhere. Arlow's forwards keep the
+# `past_key_values` parameter (what 5.17-5.24 pass) and take `cache` too; outputs and mask calls use the
+# installed version's name (the old one still works on 5.25 but warns on every call).
+def _cache_name() -> str:
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+CACHE = _cache_name()
+
+
+def take_cache(past_key_values, kwargs: dict):
+    """The cache given as ``past_key_values`` or as ``cache`` (popped from ``kwargs``); both at once is an error."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the key/value cache once: as cache or as past_key_values, not both")
+    return past_key_values if cache is None else cache
+
+
+def output_cache(outputs):
+    """The cache field of a transformers model output, under the installed version's name."""
+    return getattr(outputs, CACHE, None)
 
 
 try:  # transformers >= 5.20 exports it; 5.17-5.19 slice inline in every model

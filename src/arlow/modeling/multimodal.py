@@ -33,7 +33,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from .._compat import slice_logits_to_keep
+from .._compat import CACHE, output_cache, slice_logits_to_keep, take_cache
 from ..configuration import ArlowConfig
 from .kernels.linear import Linear
 from .rope import get_rope_index, mrope_slot_axes
@@ -75,18 +75,33 @@ class ArlowVisualFeatures(BaseModelOutputWithPooling):
     deepstack_features: tuple[torch.Tensor, ...] | None = None
 
 
+class _EncoderOutputs:
+    """``image_outputs`` / ``video_outputs``: the :class:`ArlowVisualFeatures` of the media encoded by this call
+    (``None`` where none were given), as transformers' multimodal outputs (5.25+) carry them. In a tuple
+    (``return_dict=False``) they appear as their own tuples."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k).to_tuple() if k in ("image_outputs", "video_outputs") else self[k]
+                     for k in self.keys())
+
+
 @dataclass
-class ArlowModelOutputWithPast(BaseModelOutputWithPast):
-    """``BaseModelOutputWithPast`` plus ``rope_deltas (B, 1)``: M-RoPE position minus sequence index for new tokens."""
+class ArlowModelOutputWithPast(_EncoderOutputs, BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus ``rope_deltas (B, 1)`` (M-RoPE position minus sequence index for new
+    tokens) and the encoders' ``image_outputs`` / ``video_outputs``."""
 
     rope_deltas: torch.Tensor | None = None
+    image_outputs: ArlowVisualFeatures | None = None
+    video_outputs: ArlowVisualFeatures | None = None
 
 
 @dataclass
-class ArlowCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """``CausalLMOutputWithPast`` plus ``rope_deltas (B, 1)``."""
+class ArlowCausalLMOutputWithPast(_EncoderOutputs, CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``rope_deltas (B, 1)``, ``image_outputs`` and ``video_outputs``."""
 
     rope_deltas: torch.Tensor | None = None
+    image_outputs: ArlowVisualFeatures | None = None
+    video_outputs: ArlowVisualFeatures | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,8 +423,11 @@ class ArlowModel(ArlowPreTrainedModel):
             mm_token_type_ids: accepted for compatibility with transformers' processors and ignored: placeholders are
                 found from ``input_ids``.
         Returns:
-            :class:`ArlowModelOutputWithPast` with ``last_hidden_state (B, S, Hd)`` and ``rope_deltas (B, 1)``.
+            :class:`ArlowModelOutputWithPast` with ``last_hidden_state (B, S, Hd)``, ``rope_deltas (B, 1)`` and,
+            for the media given, ``image_outputs`` / ``video_outputs`` (:class:`ArlowVisualFeatures`; with
+            ``output_hidden_states=True`` they hold the encoder's hidden states too).
         """
+        past_key_values = take_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, S) or inputs_embeds (B, S, hidden)")
         if inputs_embeds is None:
@@ -418,10 +436,12 @@ class ArlowModel(ArlowPreTrainedModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
 
         image_feats = video_feats = None
+        encoder_states = kwargs.get("output_hidden_states")  # the encoders' states too, as upstream
         if pixel_values is not None:
-            image_feats = self.get_image_features(pixel_values, image_grid_thw)
+            image_feats = self.get_image_features(pixel_values, image_grid_thw, output_hidden_states=encoder_states)
         if pixel_values_videos is not None:
-            video_feats = self.get_video_features(pixel_values_videos, video_grid_thw)
+            video_feats = self.get_video_features(pixel_values_videos, video_grid_thw,
+                                                  output_hidden_states=encoder_states)
         image_mask = video_mask = None
         # As upstream: the placeholders are checked against the media where media are given; without media a
         # placeholder id is just a token (assisted decoding, a generated placeholder id, embeddings of random ids).
@@ -449,10 +469,12 @@ class ArlowModel(ArlowPreTrainedModel):
         )
         return ArlowModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=self.rope_deltas,
+            image_outputs=image_feats,
+            video_outputs=video_feats,
         )
 
 
@@ -549,6 +571,7 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
                 is the mean next-token cross-entropy over the remaining targets, in fp32.
             logits_to_keep: compute logits for the last ``n`` positions only (``0`` = all), or for given indices.
         """
+        past_key_values = take_cache(past_key_values, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -573,10 +596,12 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
         return ArlowCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             rope_deltas=outputs.rope_deltas,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
         )
 
     # -- generate() plumbing ---------------------------------------------------------------------------------------

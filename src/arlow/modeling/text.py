@@ -38,7 +38,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .._compat import ActivationCheckpointingCompat, slice_logits_to_keep
+from .._compat import CACHE, ActivationCheckpointingCompat, output_cache, slice_logits_to_keep, take_cache
 from ..configuration import ArlowTextConfig
 from .kernels.linear import Linear, linear_then
 from .rope import apply_rotary, mrope_slot_axes, multi_axis_angles, rope_inv_freq
@@ -401,8 +401,8 @@ class ArlowTextModel(ArlowTextPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=text_positions,
+            **{CACHE: past_key_values},
         )
         masks = {}
         if "full_attention" in layer_types:
@@ -500,6 +500,7 @@ class ArlowTextModel(ArlowTextPreTrainedModel):
         Returns:
             ``BaseModelOutputWithPast`` with ``last_hidden_state (B, S, Hd)`` (after the final norm).
         """
+        past_key_values = take_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, S) or inputs_embeds (B, S, hidden)")
         if inputs_embeds is None:
@@ -539,10 +540,8 @@ class ArlowTextModel(ArlowTextPreTrainedModel):
             )
             if i in deepstack:
                 hidden = self._add_visual(hidden, visual_index, deepstack[i], i)
-        return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden),
-            past_key_values=past_key_values if use_cache else None,
-        )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden),
+                                       **{CACHE: past_key_values if use_cache else None})
 
 
 class ArlowForCausalLM(ArlowTextPreTrainedModel, GenerationMixin):
@@ -573,6 +572,7 @@ class ArlowForCausalLM(ArlowTextPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``labels (B, S)`` (unshifted; -100 = ignored) give the mean next-token loss, computed in fp32."""
+        past_key_values = take_cache(past_key_values, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -590,7 +590,7 @@ class ArlowForCausalLM(ArlowTextPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
