@@ -48,7 +48,7 @@ def processor():
     # per temporal patch.
     image = ArlowImageProcessor(min_pixels=28 * 28, max_pixels=28 * 28 * 12)
     video = ArlowVideoProcessor(min_pixels=28 * 28, max_pixels=28 * 28 * 4, num_frames=4)
-    return ArlowProcessor(image, load_default_tokenizer(), video_config=video)
+    return ArlowProcessor(image, load_default_tokenizer(), video_processor=video)
 
 
 @pytest.fixture(scope="module")

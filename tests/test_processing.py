@@ -525,7 +525,7 @@ def test_processor_round_trip_through_auto_processor(tmp_path, clip_path):
     proc = ArlowProcessor(
         ArlowImageProcessor(min_pixels=28 * 28 * 2, max_pixels=28 * 28 * 8),
         load_default_tokenizer(),
-        video_config={"num_frames": 4, "min_pixels": 28 * 28, "max_pixels": 28 * 28 * 4},
+        video_processor={"num_frames": 4, "min_pixels": 28 * 28, "max_pixels": 28 * 28 * 4},
         chat_template="{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}",
     )
     # gotcha: a truncating call right before saving must not leak truncation into tokenizer.json
@@ -533,7 +533,8 @@ def test_processor_round_trip_through_auto_processor(tmp_path, clip_path):
     proc.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert saved["processor_class"] == "ArlowProcessor"
-    assert saved["video_config"]["num_frames"] == 4 and saved["image_processor"]["size"]["longest_edge"] == 28 * 28 * 8
+    assert saved["video_processor"]["num_frames"] == 4 and saved["image_processor"]["size"]["longest_edge"] == 28 * 28 * 8
+    assert proc.get_attributes() == ["image_processor", "tokenizer", "video_processor"]  # transformers' attributes
     assert json.loads((tmp_path / "tokenizer.json").read_text())["truncation"] is None
 
     loaded = AutoProcessor.from_pretrained(tmp_path)
@@ -551,6 +552,26 @@ def test_processor_round_trip_through_auto_processor(tmp_path, clip_path):
         assert torch.equal(before[key], after[key]), key
     assert after["video_grid_thw"].tolist() == [[2, 4, 4]]  # num_frames=4 and the pixel bounds survived
     assert loaded.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+
+
+def test_processor_folder_saved_with_video_config_still_loads(tmp_path):
+    """Folders written before the video processor became a processor attribute hold its settings as
+    ``video_config``; loading them keeps those settings."""
+    from transformers import AutoProcessor
+
+    ArlowProcessor(video_processor={"num_frames": 6, "max_frames": 12}).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    config["video_config"] = config.pop("video_processor")
+    (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    for load in (ArlowProcessor.from_pretrained, AutoProcessor.from_pretrained, ArlowVideoProcessor.from_pretrained):
+        loaded = load(tmp_path)
+        video = loaded if isinstance(loaded, ArlowVideoProcessor) else loaded.video_processor
+        assert (video.num_frames, video.max_frames) == (6, 12), load
+
+
+def test_processor_takes_only_an_arlow_video_processor():
+    with pytest.raises(TypeError, match="ArlowVideoProcessor"):
+        ArlowProcessor(video_processor=ArlowImageProcessor())
 
 
 def test_default_processor_needs_no_arguments():

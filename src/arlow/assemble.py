@@ -89,7 +89,7 @@ def _processor(tokenizer, image_settings: dict, video_settings: dict) -> ArlowPr
     # The VLM's placeholders are Arlow's, so its chat template must be Arlow's (a Qwen template writes <|image_pad|>).
     tokenizer.chat_template = default_chat_template()
     return ArlowProcessor(ArlowImageProcessor(**image_settings), tokenizer,
-                          video_config=ArlowVideoProcessor(**video_settings), chat_template=default_chat_template())
+                          video_processor=ArlowVideoProcessor(**video_settings), chat_template=default_chat_template())
 
 
 def _generation_config(tokenizer) -> GenerationConfig:

@@ -89,7 +89,7 @@ def configure_processor(model_dir: str | Path) -> None:
     bounds = {k: MEDIA_SETTINGS[k] for k in ("min_pixels", "max_pixels")}
     configured = ArlowProcessor(
         ArlowImageProcessor(**patching, **bounds), processor.tokenizer,
-        video_config=ArlowVideoProcessor(**patching, **bounds, fps=MEDIA_SETTINGS["fps"],
+        video_processor=ArlowVideoProcessor(**patching, **bounds, fps=MEDIA_SETTINGS["fps"],
                                          max_frames=MEDIA_SETTINGS["max_frames"]),
         chat_template=processor.chat_template,
     )

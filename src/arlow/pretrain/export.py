@@ -91,7 +91,7 @@ def export_checkpoint(model: ArlowMAEForPreTraining, checkpoint_dir: str | Path,
         save_file(state, str(d / "decoder.safetensors"), metadata={"format": "pt"})
 
     publish_folder(checkpoint_dir / "mae_decoder", write_decoder)
-    processor_config = {"image_processor": image_processor.to_dict(), "video_config": video_processor.to_dict()}
+    processor_config = {"image_processor": image_processor.to_dict(), "video_processor": video_processor.to_dict()}
     (checkpoint_dir / "processor_config.json").write_text(json.dumps(processor_config, indent=2, default=str) + "\n")
     (checkpoint_dir / "pretrain_meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     (checkpoint_dir / "README.md").write_text(_model_card(meta, model.config))

@@ -10,12 +10,17 @@ tokens as the vision encoder will produce for that item:
 Placeholders and media are matched in order, across the whole batch. A count mismatch raises a ``ValueError``
 that gives both counts; so does truncation that would cut a run of placeholders.
 
-The video processor is not a ``ProcessorMixin`` sub-processor: transformers ties those to torchvision, and a
-constructor argument whose name contains ``video_processor`` makes the processor impossible to build without it.
-Its settings travel as ``video_config`` in ``processor_config.json`` and it is reachable as
-``processor.video_processor``.
+The processor's attributes are transformers' standard ones, as Qwen2-VL's: ``image_processor``, ``tokenizer``,
+``video_processor`` (and ``chat_template``). ``save_pretrained`` writes the image and video processor settings into
+``processor_config.json`` (keys ``image_processor`` and ``video_processor``) and the tokenizer into its own files;
+``from_pretrained`` / ``AutoProcessor`` read them back. transformers builds a video processor through
+``AutoVideoProcessor`` and checks it against its own base class, both of which exist only with torchvision;
+:class:`ArlowVideoProcessor` needs no torchvision, so this class checks and loads that one attribute itself
+(``check_argument_for_proper_class``, ``_load_video_processor``). Folders saved before the video processor became
+an attribute hold its settings as ``video_config``; they still load.
 """
 
+import os
 import re
 
 import numpy as np
@@ -32,7 +37,7 @@ from transformers.processing_utils import (
 from .._compat import UNMARKED, offsets_in_prompt
 from .image import ArlowImageProcessor, ArlowImageProcessorKwargs
 from .tokenizer import NAMED_MULTIMODAL_TOKENS, default_chat_template, load_default_tokenizer
-from .video import ArlowVideoProcessor, ArlowVideosKwargs, flatten_videos
+from .video import VIDEO_CONFIG_NAME, ArlowVideoProcessor, ArlowVideosKwargs, flatten_videos
 
 __all__ = ["ArlowProcessor", "ArlowProcessorKwargs", "flatten_images"]
 
@@ -81,7 +86,7 @@ class ArlowProcessor(ProcessorMixin):
         image_processor: an :class:`ArlowImageProcessor` (default settings if omitted).
         tokenizer: a tokenizer holding ``<image>``, ``<video>``, ``<|vision_start|>`` and ``<|vision_end|>``
             (the built-in :func:`~arlow.processing.tokenizer.load_default_tokenizer` if omitted).
-        video_config: an :class:`ArlowVideoProcessor` or its settings dict (defaults if omitted).
+        video_processor: an :class:`ArlowVideoProcessor` or its settings dict (defaults if omitted).
         chat_template: Jinja template; defaults to the tokenizer's, else Arlow's ChatML template.
 
     ``processor(text=..., images=..., videos=...)`` returns ``input_ids``, ``attention_mask`` and, for the media
@@ -95,21 +100,18 @@ class ArlowProcessor(ProcessorMixin):
     return_mm_token_type_ids = False
     _in_chat_template = False  # True while apply_chat_template runs (see offsets_in_prompt)
 
-    def __init__(self, image_processor=None, tokenizer=None, video_config=None, chat_template=None):
+    def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None):
         image_processor = image_processor if image_processor is not None else ArlowImageProcessor()
         tokenizer = tokenizer if tokenizer is not None else load_default_tokenizer()
-        if video_config is None:
-            video_config = ArlowVideoProcessor()
-        elif isinstance(video_config, dict):
-            video_config = ArlowVideoProcessor(**video_config)
-        elif not isinstance(video_config, ArlowVideoProcessor):
-            raise TypeError(f"video_config must be an ArlowVideoProcessor or its settings dict, got "
-                            f"{type(video_config).__name__}")
-        self.video_processor = video_config
+        if video_processor is None:
+            video_processor = ArlowVideoProcessor()
+        elif isinstance(video_processor, dict):
+            video_processor = ArlowVideoProcessor(**video_processor)
         for name in ("patch_size", "temporal_patch_size", "merge_size"):
-            if getattr(image_processor, name) != getattr(video_config, name):
+            if isinstance(video_processor, ArlowVideoProcessor) \
+                    and getattr(image_processor, name) != getattr(video_processor, name):
                 raise ValueError(f"image and video processors disagree on {name} ({getattr(image_processor, name)} "
-                                 f"vs {getattr(video_config, name)}); both must match the vision encoder")
+                                 f"vs {getattr(video_processor, name)}); both must match the vision encoder")
         for attr, default in NAMED_MULTIMODAL_TOKENS.items():
             token = getattr(tokenizer, attr, None) or default
             token_id = tokenizer.convert_tokens_to_ids(token)
@@ -121,7 +123,7 @@ class ArlowProcessor(ProcessorMixin):
             setattr(self, f"{attr}_id", token_id)
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None) or default_chat_template()
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template)
         start, end = re.escape(self.vision_start_token), re.escape(self.vision_end_token)
         self._placeholder_re = re.compile(
             f"{UNMARKED}(?P<image>(?:{start})?{re.escape(self.image_token)}(?:{end})?)"
@@ -131,7 +133,53 @@ class ArlowProcessor(ProcessorMixin):
     @classmethod
     def from_default(cls, **video_settings) -> "ArlowProcessor":
         """Default image/video settings, the built-in tokenizer and chat template; nothing is downloaded."""
-        return cls(ArlowImageProcessor(), load_default_tokenizer(), video_config=ArlowVideoProcessor(**video_settings))
+        return cls(ArlowImageProcessor(), load_default_tokenizer(), ArlowVideoProcessor(**video_settings))
+
+    # -- the video processor attribute (transformers' checks and loaders for it need torchvision) ---------------
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if "video_processor" in argument_name:
+            if not isinstance(argument, ArlowVideoProcessor):
+                raise TypeError(f"Received a {type(argument).__name__} for argument {argument_name}, but an "
+                                "ArlowVideoProcessor (or its settings dict) was expected.")
+            return ArlowVideoProcessor
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+    @staticmethod
+    def _load_video_processor(pretrained_model_name_or_path, processor_dict: dict) -> ArlowVideoProcessor:
+        """The video processor saved with a processor: ``processor_config.json``'s ``video_processor`` entry (or
+        the earlier ``video_config``), else a ``video_preprocessor_config.json`` beside it, else the defaults.
+        The entries are removed from ``processor_dict`` (the constructor gets the built processor)."""
+        saved = processor_dict.get("video_processor")
+        legacy = processor_dict.pop("video_config", None)
+        settings = saved if isinstance(saved, dict) else legacy
+        if isinstance(settings, dict):
+            return ArlowVideoProcessor(**settings)
+        path = str(pretrained_model_name_or_path)
+        if os.path.isfile(os.path.join(path, VIDEO_CONFIG_NAME)):
+            return ArlowVideoProcessor.from_pretrained(path)
+        return ArlowVideoProcessor()
+
+    @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        """transformers >= 5.2x: sub-processors given by the caller are kept; give it the video processor."""
+        if kwargs.get("video_processor") is None:
+            kwargs["video_processor"] = cls._load_video_processor(pretrained_model_name_or_path, processor_dict)
+        return super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """transformers 5.17-5.2x: the positional sub-processors (image processor, tokenizer, video processor),
+        loaded as ``ProcessorMixin`` does except the video processor (see the module docstring)."""
+        from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+        processor_dict = processor_dict if processor_dict is not None else {}
+        subfolder = kwargs.pop("subfolder", "")
+        image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                                             **kwargs)
+        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path,
+                                                        subfolder=subfolder, **kwargs)
+        return [image_processor, tokenizer, cls._load_video_processor(pretrained_model_name_or_path, processor_dict)]
 
     @property
     def merge_length(self) -> int:
@@ -303,7 +351,7 @@ class ArlowProcessor(ProcessorMixin):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        out["video_config"] = self.video_processor.to_dict()
+        out["video_processor"] = self.video_processor.to_dict()  # transformers serializes only its own classes
         return out
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):

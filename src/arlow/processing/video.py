@@ -107,6 +107,7 @@ class ArlowVideoProcessor:
 
     model_input_names = ["pixel_values_videos", "video_grid_thw", "second_per_grid_ts"]
     valid_kwargs = ArlowVideosKwargs
+    _auto_class = None  # read by ProcessorMixin.save_pretrained for every sub-processor (custom-code export)
     # Keys written by transformers' video processors or the reference fork that carry no setting here.
     _ignored_keys = {"video_processor_type", "processor_class", "size", "default_to_square", "do_convert_rgb",
                      "sample_strategy", "motion_threshold", "min_frames", "do_pad", "do_center_crop", "crop_size",
@@ -162,7 +163,7 @@ class ArlowVideoProcessor:
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "ArlowVideoProcessor":
         """From a folder holding ``video_preprocessor_config.json`` (or a processor's ``processor_config.json``
-        with a ``video_config`` entry), or from such a file. ``overrides`` replace saved settings."""
+        with a ``video_processor`` entry), or from such a file. ``overrides`` replace saved settings."""
         hub_keys = {"cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
                     "trust_remote_code", "proxies", "_from_auto", "_from_pipeline"}
         overrides = {key: value for key, value in overrides.items() if key not in hub_keys}
@@ -171,8 +172,8 @@ class ArlowVideoProcessor:
         for candidate in candidates:
             if candidate.is_file():
                 settings = json.loads(candidate.read_text(encoding="utf-8"))
-                settings = settings.get("video_config", settings) if candidate.name == "processor_config.json" \
-                    else settings
+                if candidate.name == "processor_config.json":  # "video_config": folders saved before 2026-12
+                    settings = settings.get("video_processor", settings.get("video_config", settings))
                 return cls(**{**settings, **overrides})
         raise FileNotFoundError(f"no {VIDEO_CONFIG_NAME} (or processor_config.json) in '{path}'; save one with "
                                 "ArlowVideoProcessor.save_pretrained")
