@@ -171,6 +171,29 @@ def test_beam_search_repeats_each_samples_media(model, processor, media):
             assert out[row, batch["input_ids"].shape[1]:].tolist() == alone[0, single["input_ids"].shape[1]:].tolist()
 
 
+def test_beam_search_from_inputs_embeds_matches_input_ids(model, processor, media):
+    """Beam search and several sequences per prompt from ``inputs_embeds`` + pixels (placeholders found by their
+    embedding, each sample's media repeated with it) give the ids and beam scores of the same search from
+    ``input_ids``. The two samples differ in media so that a wrong repetition changes the result."""
+    batch = encode(processor, [conversation(f"image={media['square']}", "text:a"),
+                               conversation(f"image={media['wide']}", f"video={media['clip']}", "text:b")])
+    prompt = batch["input_ids"].shape[1]
+    media_inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
+    kwargs = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        from_ids = model.generate(input_ids=batch["input_ids"], **media_inputs, **kwargs)
+        from_embeds = model.generate(inputs_embeds=embeds, **media_inputs, **kwargs)
+    assert from_ids.sequences.shape == (4, prompt + 4)
+    assert from_embeds.sequences.tolist() == from_ids.sequences[:, prompt:].tolist()  # embeds: new tokens only
+    torch.testing.assert_close(from_embeds.sequences_scores, from_ids.sequences_scores, rtol=1e-5, atol=1e-5)
+    # the media reached the prompt: without them the same search from the same ids scores differently
+    with torch.no_grad():
+        blind = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    assert not torch.allclose(blind.sequences_scores, from_ids.sequences_scores)
+
+
 def test_cached_decode_equals_full_forward(model, processor, media):
     conversations = [conversation(f"image={media['wide']}", "text:Describe."),
                      conversation(f"video={media['clip']}", f"image={media['tall']}", "text:Describe both.")]

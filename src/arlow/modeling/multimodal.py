@@ -362,6 +362,14 @@ class ArlowModel(ArlowPreTrainedModel):
             tokens_per_second=self.config.tokens_per_second,
         )
 
+    def placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Stand-in ``(B, S)`` ids for a prompt given as embeddings: the image / video placeholder id where a row
+        equals that placeholder's embedding, -1 elsewhere. :meth:`get_rope_index` reads nothing else, so the
+        media of such a prompt get the same M-RoPE positions as from its ids."""
+        image, video = self.get_placeholder_mask(None, inputs_embeds)
+        ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        return ids.masked_fill(image, self.config.image_token_id).masked_fill(video, self.config.video_token_id)
+
     def compute_position_ids(self, input_ids, inputs_embeds, attention_mask, past_key_values, image_grid_thw,
                              video_grid_thw, second_per_grid_ts) -> torch.Tensor:
         """``(3, B, S)`` M-RoPE positions when the caller gave none.
@@ -373,13 +381,9 @@ class ArlowModel(ArlowPreTrainedModel):
         device = inputs_embeds.device
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past == 0:
-            if input_ids is not None:
-                positions, deltas = self.get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask,
-                                                        second_per_grid_ts)
-            else:  # embeddings only: no placeholders to find, text positions on all three axes
-                text = text_positions(attention_mask, batch, seq, 0, device)
-                positions = text.unsqueeze(0).expand(3, -1, -1)
-                deltas = text.max(-1, keepdim=True).values + 1 - seq
+            ids = input_ids if input_ids is not None else self.placeholder_ids(inputs_embeds)
+            positions, deltas = self.get_rope_index(ids, image_grid_thw, video_grid_thw, attention_mask,
+                                                    second_per_grid_ts)
             self.rope_deltas = deltas
             return positions.to(device)
         deltas = self.rope_deltas
@@ -613,22 +617,19 @@ class ArlowForConditionalGeneration(ArlowPreTrainedModel, GenerationMixin):
         padding mask) the rotary embedding. ``rope_deltas`` are cached on ``self.model`` like a direct prefill does.
         """
         ids = model_kwargs.get("input_ids")
-        given = ids if ids is not None else inputs_tensor
-        if given is not None and (given.numel() == 0 or not given.is_floating_point()):  # an empty prompt is float
-            _check_token_ids(given, self.get_input_embeddings().num_embeddings)
-        if ids is None or ids.shape[1] == 0:
+        if ids is None or ids.shape[-1] == 0:  # transformers >= 5.25 passes an empty (B, 0) one with embeddings
             ids = inputs_tensor
+        if ids is not None and (ids.numel() == 0 or not ids.is_floating_point()):  # an empty prompt is float
+            _check_token_ids(ids, self.get_input_embeddings().num_embeddings)
         batch, seq = ids.shape[:2]
         mask = model_kwargs.get("attention_mask")
         text = text_positions(mask, batch, seq, 0, ids.device)
-        if ids.ndim == 2 and not ids.is_floating_point():
-            mrope, deltas = self.model.get_rope_index(
-                ids, model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw"), mask,
-                model_kwargs.get("second_per_grid_ts"),
-            )
-        else:  # prompt given as embeddings: no placeholders to locate
-            mrope = text.unsqueeze(0).expand(3, -1, -1)
-            deltas = text.max(-1, keepdim=True).values + 1 - seq
+        if ids.is_floating_point():  # prompt given as embeddings: find its placeholders by their embedding
+            ids = self.model.placeholder_ids(ids)
+        mrope, deltas = self.model.get_rope_index(
+            ids, model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw"), mask,
+            model_kwargs.get("second_per_grid_ts"),
+        )
         self.model.rope_deltas = deltas
         return torch.cat([text.unsqueeze(0), mrope.to(text.device)], dim=0)
 
