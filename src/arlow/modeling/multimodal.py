@@ -681,7 +681,12 @@ def vlm_forward_flops(config: ArlowConfig, text_tokens: int, vision_lengths: lis
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Refuse an empty ``input_ids (B, S)`` and ids outside ``[0, vocab_size)`` with a message, not an IndexError."""
+    """Refuse an empty ``input_ids (B, S)`` and ids outside ``[0, vocab_size)`` with a message, not an IndexError.
+
+    Not under ``torch.compile``: the range check reads tensor values, a graph break (a compiled decode step gets the
+    ids generate itself produced)."""
+    if torch.compiler.is_compiling():
+        return
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one prompt with at least "
                          "one token (an empty prompt string tokenizes to nothing)")
