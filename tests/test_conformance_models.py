@@ -16,6 +16,7 @@ from transformers.models.auto import modeling_auto
 
 from arlow.configuration import ArlowConfig, ArlowTextConfig, ArlowVisionConfig
 from arlow.modeling.multimodal import ArlowForConditionalGeneration, ArlowModel
+from arlow.modeling.vision import ArlowVLVisionModel
 from arlow.modeling.text import (
     ArlowForCausalLM,
     ArlowForQuestionAnswering,
@@ -39,7 +40,8 @@ VISION = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2.0,
 # The suites find a class's task (labels to build, base models to leave out of training) in transformers' name maps
 # of in-tree models; Arlow registers with the Auto classes at run time instead. List it there, as arlow.auto does.
 TASK_NAMES = {
-    "MODEL_MAPPING_NAMES": {"arlow_text": "ArlowTextModel", "arlow": "ArlowModel"},
+    "MODEL_MAPPING_NAMES": {"arlow_text": "ArlowTextModel", "arlow": "ArlowModel",
+                            "arlow_vision": "ArlowVLVisionModel"},
     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": {"arlow_text": "ArlowForCausalLM"},
     "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": {"arlow_text": "ArlowForSequenceClassification"},
     "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": {"arlow_text": "ArlowForTokenClassification"},
@@ -185,6 +187,60 @@ class ArlowVLConformanceTest(_GenerationChecks, common.ModelTesterMixin, Generat
                       "create_and_test_config_from_and_save_pretrained",
                       "create_and_test_config_from_and_save_pretrained_subfolder",
                       "create_and_test_config_from_and_save_pretrained_composite",
+                      "create_and_test_config_from_pretrained_custom_kwargs",
+                      "check_config_can_be_init_without_params"):
+            getattr(tester, check)()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stand-alone vision encoder
+
+
+class ArlowVisionModelTester:
+    """Two 28x28 images (1x2x2 patches each) packed into 8 patch rows: ``batch_size`` counts items, not rows."""
+
+    def __init__(self, parent, batch_size=2):
+        self.parent, self.batch_size = parent, batch_size
+        self.is_training = True
+        self.grid = (1, 2, 2)
+        self.patch_dim = 3 * VISION["temporal_patch_size"] * VISION["patch_size"] ** 2
+        self.hidden_size = VISION["embed_dim"]
+        self.num_hidden_layers = VISION["depth"]
+        self.num_attention_heads = VISION["num_heads"]
+        self.seq_length = self.grid[0] * self.grid[1] * self.grid[2] * batch_size  # rows of the pack
+
+    def get_config(self) -> ArlowVisionConfig:
+        return ArlowVisionConfig(**VISION)
+
+    def prepare_config_and_inputs_for_common(self):
+        return self.get_config(), {
+            "pixel_values": floats_tensor([self.seq_length, self.patch_dim]),
+            "grid_thw": torch.tensor([self.grid] * self.batch_size),
+        }
+
+
+class ArlowVisionConformanceTest(common.ModelTesterMixin, unittest.TestCase):
+    all_model_classes = (ArlowVLVisionModel,)
+    has_attentions = False  # PACKED_ATTENTION
+    test_resize_embeddings = False  # no token embeddings
+
+    def setUp(self):
+        self.model_tester = ArlowVisionModelTester(self)
+        self.config_tester = config_common.ConfigTester(self, config_class=ArlowVisionConfig, has_text_modality=False)
+
+    def test_model_get_set_embeddings(self):
+        # As transformers' ViT-style testers: the input "embedding" of a vision encoder is its patch projection, not
+        # a token table (the common test wants an nn.Embedding and sets a new one).
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        model = ArlowVLVisionModel(config)
+        self.assertIsInstance(model.get_input_embeddings(), torch.nn.Module)
+        self.assertIsNone(model.get_output_embeddings())
+
+    def test_config(self):
+        tester = self.config_tester
+        for check in ("create_and_test_config_to_json_string", "create_and_test_config_to_json_file",
+                      "create_and_test_config_from_and_save_pretrained",
+                      "create_and_test_config_from_and_save_pretrained_subfolder",
                       "create_and_test_config_from_pretrained_custom_kwargs",
                       "check_config_can_be_init_without_params"):
             getattr(tester, check)()

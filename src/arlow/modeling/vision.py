@@ -457,6 +457,10 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
     def get_dtype(self) -> torch.dtype:
         return self.patch_embed.proj.weight.dtype
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (patch rows -> ``embed_dim``), as transformers' vision encoders return theirs."""
+        return self.patch_embed
+
     # -- input checks -------------------------------------------------------------------------------------------
 
     @torch.compiler.disable
@@ -608,8 +612,8 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         grid_thw: torch.Tensor,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         patch_positions: torch.Tensor | None = None,
         seq_lengths: torch.Tensor | None = None,
     ) -> ArlowVisionModelOutput | tuple:
@@ -618,8 +622,10 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         Args:
             pixel_values: ``(N, C*Tp*P*P)`` patch rows, items concatenated, merge-window-major within each item.
             grid_thw: ``(n_items, 3)`` integer (t, h, w) grids in patch units; h and w multiples of ``s``.
-            output_hidden_states: also return the ``depth + 1`` un-merged states ``(N, embed_dim)``.
-            return_dict: ``False`` returns ``(last_hidden_state, deepstack_features[, hidden_states])``.
+            output_hidden_states: also return the ``depth + 1`` un-merged states ``(N, embed_dim)`` (``None``:
+                ``config.output_hidden_states``).
+            return_dict: ``False`` returns ``(last_hidden_state, deepstack_features[, hidden_states])`` (``None``:
+                ``config.return_dict``).
             patch_positions: ``(N, 3)`` integer (t, h, w) coordinates of each row inside its item's full grid, when
                 the rows are a subset (visible merge windows, each window's ``s*s`` rows contiguous). Default: every
                 patch of every grid, in merge-window-major order.
@@ -628,6 +634,10 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
             :class:`ArlowVisionModelOutput` with ``last_hidden_state (N / s**2, hidden_size)``.
         """
         cfg = self.config
+        if output_hidden_states is None:
+            output_hidden_states = cfg.output_hidden_states
+        if return_dict is None:
+            return_dict = cfg.return_dict
         grid, positions, lengths = self._check_inputs(pixel_values, grid_thw, patch_positions, seq_lengths)
         x = self.patch_embed(pixel_values)
         merge_rows = self.spatial_merge_size**2
