@@ -1,6 +1,6 @@
 """transformers' common model suites (``ModelTesterMixin``, ``ConfigTester``) run against the Arlow text decoder (all
-heads) and the vision-language model. The stand-alone vision encoder is not run through them yet (its packed input
-has no batch dimension; see docs/multimodal.md).
+heads), the vision-language model and the stand-alone vision encoder. The encoder's input is packed (patch rows of
+all items + their grids): its tester counts items as the batch and rows as the sequence.
 
 The suites come from the installed transformers version's own test folder (see ``tests/upstream.py``); this file
 only supplies tiny configurations and inputs, as transformers' Qwen2 / Qwen2-VL testers do. A test is skipped here

@@ -13,7 +13,8 @@ are installed and the checks that need them are skipped with that reason (``MISS
 ``generation/test_utils.py`` (``GenerationTesterMixin``: the generation contract is then covered by the project's
 own tests in ``test_conformance_generation.py``), ``exporters/test_export.py`` (``torch.export`` checks),
 ``utils/test_configuration_utils.py`` (``config_common_kwargs``) and ``utils/fetch_hub_objects_for_ci.py`` (maps
-Hub media URLs to a local cache; tests that use those media need the network).
+Hub media URLs to a local cache; its stand-in maps image URLs to local random images, while tests that read the Hub's
+videos or audio need the network).
 """
 
 from __future__ import annotations
@@ -79,9 +80,29 @@ def _install(folder: Path) -> None:
         sys.path.insert(0, str(utils))
     elif "fetch_hub_objects_for_ci" not in sys.modules:
         fetch = types.ModuleType("fetch_hub_objects_for_ci")
-        fetch.url_to_local_path = lambda url, *args, **kwargs: url  # the URL itself: such tests need the network
+        fetch.url_to_local_path = _local_stand_in
         sys.modules[fetch.__name__] = fetch
         MISSING.add("utils.fetch_hub_objects_for_ci")
+
+
+def _local_stand_in(url: str, *args, **kwargs) -> str:
+    """For the missing ``url_to_local_path``: a Hub image URL -> a local random RGB image of the same name (the
+    suites check shapes and token counts, not picture content); any other URL (videos, audio, whose tests expect
+    the real clips' frame counts) is returned unchanged, and a test that reads it needs the network."""
+    name = str(url).rsplit("/", 1)[-1]
+    if not name.lower().endswith((".png", ".jpg", ".jpeg")):
+        return url
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    path = Path(tempfile.gettempdir()) / "arlow-transformers-tests-media" / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(len(name)).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+    return str(path)
 
 
 def load(name: str) -> types.ModuleType:

@@ -27,12 +27,16 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import (
     MultiModalData,
     ProcessingKwargs,
     ProcessorMixin,
     TextKwargs,
 )
+
+from transformers.video_utils import VideoInput
+from typing_extensions import Unpack
 
 from .._compat import UNMARKED, offsets_in_prompt
 from .image import ArlowImageProcessor, ArlowImageProcessorKwargs
@@ -146,25 +150,31 @@ class ArlowProcessor(ProcessorMixin):
         return super().check_argument_for_proper_class(argument_name, argument)
 
     @staticmethod
-    def _load_video_processor(pretrained_model_name_or_path, processor_dict: dict) -> ArlowVideoProcessor:
+    def _load_video_processor(pretrained_model_name_or_path, processor_dict: dict,
+                              kwargs: dict) -> ArlowVideoProcessor:
         """The video processor saved with a processor: ``processor_config.json``'s ``video_processor`` entry (or
         the earlier ``video_config``), else a ``video_preprocessor_config.json`` beside it, else the defaults.
-        The entries are removed from ``processor_dict`` (the constructor gets the built processor)."""
+        Video settings among ``kwargs`` (``from_pretrained(path, do_normalize=False)``) override the saved ones, as
+        transformers applies them to every sub-processor that has them. The legacy entry is removed from
+        ``processor_dict`` (the constructor gets the built processor)."""
+        overrides = {key: value for key, value in kwargs.items() if key in ArlowVideoProcessor.setting_names()}
         saved = processor_dict.get("video_processor")
         legacy = processor_dict.pop("video_config", None)
         settings = saved if isinstance(saved, dict) else legacy
         if isinstance(settings, dict):
-            return ArlowVideoProcessor(**settings)
+            return ArlowVideoProcessor(**{**settings, **overrides})
         path = str(pretrained_model_name_or_path)
         if os.path.isfile(os.path.join(path, VIDEO_CONFIG_NAME)):
-            return ArlowVideoProcessor.from_pretrained(path)
-        return ArlowVideoProcessor()
+            return ArlowVideoProcessor.from_pretrained(path, **overrides)
+        return ArlowVideoProcessor(**overrides)
 
     @classmethod
     def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
-        """transformers >= 5.2x: sub-processors given by the caller are kept; give it the video processor."""
+        """transformers >= 5.2x: an entry of ``processor_dict`` that is neither a dict nor ``None`` is taken as the
+        built sub-processor (one the caller passes replaces it); put the video processor there."""
         if kwargs.get("video_processor") is None:
-            kwargs["video_processor"] = cls._load_video_processor(pretrained_model_name_or_path, processor_dict)
+            video_processor = cls._load_video_processor(pretrained_model_name_or_path, processor_dict, kwargs)
+            processor_dict["video_processor"] = video_processor
         return super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
 
     @classmethod
@@ -175,11 +185,15 @@ class ArlowProcessor(ProcessorMixin):
 
         processor_dict = processor_dict if processor_dict is not None else {}
         subfolder = kwargs.pop("subfolder", "")
-        image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
-                                                             **kwargs)
-        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path,
-                                                        subfolder=subfolder, **kwargs)
-        return [image_processor, tokenizer, cls._load_video_processor(pretrained_model_name_or_path, processor_dict)]
+        # Parts the caller passes replace these later (from_args_and_dict); they are no loading options.
+        given = {name: kwargs.pop(name, None) for name in cls.get_attributes()}
+        image_processor = given["image_processor"] or AutoImageProcessor.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        tokenizer = given["tokenizer"] or cls._load_tokenizer_from_pretrained(
+            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        video_processor = given["video_processor"] or cls._load_video_processor(pretrained_model_name_or_path,
+                                                                                processor_dict, kwargs)
+        return [image_processor, tokenizer, video_processor]
 
     @property
     def merge_length(self) -> int:
@@ -187,7 +201,8 @@ class ArlowProcessor(ProcessorMixin):
 
     # -- the main call -----------------------------------------------------------------------------------------
 
-    def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
+    def __call__(self, images: ImageInput | None = None, text: str | list[str] | None = None,
+                 videos: VideoInput | None = None, **kwargs: Unpack[ArlowProcessorKwargs]) -> BatchFeature:
         """Process a prompt or a batch of prompts with their images and videos (see the class docstring)."""
         if images is None and text is None and videos is None:
             raise ValueError("ArlowProcessor needs text, images or videos")

@@ -21,6 +21,7 @@ Video ``i`` becomes ``t_i * h_i * w_i / merge_size**2`` tokens of the language m
 """
 
 import copy
+import inspect
 import json
 import os
 from pathlib import Path
@@ -142,6 +143,24 @@ class ArlowVideoProcessor:
         self._check(self.to_dict())
 
     # -- settings --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        """The keyword settings the constructor takes (``size`` included)."""
+        return {name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "kwargs")} \
+            | {"size"}
+
+    @property
+    def size(self) -> dict:
+        """The per-frame area bounds in transformers' spelling (as Qwen2-VL's video processor):
+        ``{"shortest_edge": min_pixels, "longest_edge": max_pixels}``."""
+        return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+
+    @size.setter
+    def size(self, value) -> None:
+        low, high = pixel_bounds(value)
+        self.min_pixels = low if low is not None else self.min_pixels
+        self.max_pixels = high if high is not None else self.max_pixels
 
     def to_dict(self) -> dict:
         """JSON-able settings; ``ArlowVideoProcessor(**d)`` rebuilds the processor."""
