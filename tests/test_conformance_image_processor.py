@@ -67,7 +67,7 @@ class ArlowImageProcessingConformanceTest(image_common.ImageProcessingTestMixin,
 
     def setUp(self):
         self.image_processor_tester = ArlowImageProcessingTester(self)
-        # transformers 5.17-5.2x read the classes from the test case, later versions from the tester
+        # transformers 5.17 reads the classes from the test case, 5.25 from the tester (a property)
         if not isinstance(getattr(type(self), "image_processing_classes", None), property):
             self.image_processing_classes = self.image_processor_tester.image_processing_classes
 

@@ -569,6 +569,18 @@ def test_processor_folder_saved_with_video_config_still_loads(tmp_path):
         assert (video.num_frames, video.max_frames) == (6, 12), load
 
 
+def test_processor_from_pretrained_takes_given_parts_and_video_overrides(tmp_path):
+    ArlowProcessor(video_processor={"num_frames": 6}).save_pretrained(tmp_path)
+    given = ArlowVideoProcessor(num_frames=3)
+    loaded = ArlowProcessor.from_pretrained(tmp_path, video_processor=given)
+    assert loaded.video_processor is given
+    assert "video_processor" not in loaded.tokenizer.init_kwargs  # a part, not a tokenizer option
+    loaded.save_pretrained(tmp_path / "again")  # nothing unserializable leaked into a config
+    tuned = ArlowProcessor.from_pretrained(tmp_path, do_normalize=False, max_frames=9)
+    assert (tuned.video_processor.num_frames, tuned.video_processor.max_frames) == (6, 9)
+    assert tuned.video_processor.do_normalize is False and tuned.image_processor.do_normalize is False
+
+
 def test_processor_takes_only_an_arlow_video_processor():
     with pytest.raises(TypeError, match="ArlowVideoProcessor"):
         ArlowProcessor(video_processor=ArlowImageProcessor())

@@ -170,30 +170,37 @@ class ArlowProcessor(ProcessorMixin):
 
     @classmethod
     def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
-        """transformers >= 5.2x: an entry of ``processor_dict`` that is neither a dict nor ``None`` is taken as the
-        built sub-processor (one the caller passes replaces it); put the video processor there."""
-        if kwargs.get("video_processor") is None:
+        """The loading hook of newer transformers (5.25 has it, 5.17 has ``_get_arguments_from_pretrained``): an
+        entry of ``processor_dict`` that is neither a dict nor ``None`` is taken as the built sub-processor; put the
+        video processor there (the caller's, taken out of ``kwargs`` so that the parts loaded before it do not
+        receive it as an option, or the saved one)."""
+        video_processor = kwargs.pop("video_processor", None)
+        if video_processor is None:
             video_processor = cls._load_video_processor(pretrained_model_name_or_path, processor_dict, kwargs)
-            processor_dict["video_processor"] = video_processor
+        processor_dict["video_processor"] = video_processor
         return super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """transformers 5.17-5.2x: the positional sub-processors (image processor, tokenizer, video processor),
-        loaded as ``ProcessorMixin`` does except the video processor (see the module docstring)."""
+        """The loading hook of older transformers (5.17; 5.25 uses ``_resolve_subprocessors``): the positional
+        sub-processors (image processor, tokenizer, video processor), loaded as ``ProcessorMixin`` does except the
+        video processor (see the module docstring)."""
         from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
         processor_dict = processor_dict if processor_dict is not None else {}
         subfolder = kwargs.pop("subfolder", "")
         # Parts the caller passes replace these later (from_args_and_dict); they are no loading options.
         given = {name: kwargs.pop(name, None) for name in cls.get_attributes()}
-        image_processor = given["image_processor"] or AutoImageProcessor.from_pretrained(
-            pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        tokenizer = given["tokenizer"] or cls._load_tokenizer_from_pretrained(
-            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        video_processor = given["video_processor"] or cls._load_video_processor(pretrained_model_name_or_path,
-                                                                                processor_dict, kwargs)
-        return [image_processor, tokenizer, video_processor]
+        if given["image_processor"] is None:
+            given["image_processor"] = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path,
+                                                                          subfolder=subfolder, **kwargs)
+        if given["tokenizer"] is None:
+            given["tokenizer"] = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path,
+                                                                     subfolder=subfolder, **kwargs)
+        if given["video_processor"] is None:
+            given["video_processor"] = cls._load_video_processor(pretrained_model_name_or_path, processor_dict,
+                                                                 kwargs)
+        return [given["image_processor"], given["tokenizer"], given["video_processor"]]
 
     @property
     def merge_length(self) -> int:
