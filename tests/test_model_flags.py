@@ -37,17 +37,17 @@ CLAIMS = {
              "_supports_attention_backend",  # test_registered_attention_backend_runs_the_text_decoder
              "_supports_sdpa",  # test_text.py::test_attention_implementation_switch_and_flash_flag (+ conformance)
              "_supports_flash_attn",  # test_flash_style_backend_runs_the_text_decoder
-             "supports_gradient_checkpointing"}  # conformance: test_training_gradient_checkpointing
+             "supports_gradient_checkpointing"}  # test_text.py::test_gradient_checkpointing_recomputes_and_...
        for cls in TEXT_CLASSES},
     **{cls: {"_can_compile_fullgraph",  # test_vlm_generate_compiles_fullgraph
              "_supports_attention_backend",  # test_registered_attention_backend_runs_both_towers
              "_supports_sdpa",  # conformance: test_eager_matches_sdpa_inference_*
              "_supports_flash_attn",  # test_flash_style_backend_runs_the_text_decoder; test_vision.py flash path
-             "supports_gradient_checkpointing"}  # test_multimodal (both towers) + conformance
+             "supports_gradient_checkpointing"}  # test_vlm_gradient_checkpointing_recomputes_both_towers
        for cls in VLM_CLASSES},
     ArlowVLVisionModel: {"_supports_sdpa",  # test_vision.py: sdpa vs eager
                          "_supports_flash_attn",  # test_vision.py::test_flash_path_is_one_varlen_call_per_layer
-                         "supports_gradient_checkpointing"},  # test_vision.py checkpointing
+                         "supports_gradient_checkpointing"},  # test_vision.py::test_gradient_checkpointing_...
 }
 
 
@@ -215,3 +215,36 @@ def test_flash_style_backend_runs_the_text_decoder(flash_reference):
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
     windows = [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]
     assert flash_reference == [(True, w, config.num_key_value_heads) for w in windows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# supports_gradient_checkpointing (VLM): both towers recompute in backward, the gradients do not change
+
+
+def test_vlm_gradient_checkpointing_recomputes_both_towers():
+    torch.manual_seed(0)
+    config = tiny_config("vlm", image_token_id=8188, video_token_id=8189, vision_start_token_id=8190,
+                         vision_end_token_id=8191)
+    model = ArlowForConditionalGeneration(config).train()
+    ids = torch.tensor([[5, 8190] + [8188] * 4 + [8191, 9, 10]])
+    inputs = {"input_ids": ids, "labels": ids, "pixel_values": torch.randn(16, config.vision_config.patch_dim),
+              "image_grid_thw": torch.tensor([[1, 4, 4]])}
+
+    def run():
+        model.zero_grad()
+        calls = []
+        # on a submodule: the checkpointed layer's own hooks run once, its insides again in backward
+        hooks = [model.model.visual.blocks[1].fc1.register_forward_pre_hook(lambda *a: calls.append("vision")),
+                 model.model.language_model.layers[1].mlp.register_forward_pre_hook(lambda *a: calls.append("text"))]
+        model(**inputs).loss.backward()
+        for hook in hooks:
+            hook.remove()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sorted(calls)
+
+    plain, plain_calls = run()
+    model.activation_checkpointing_enable()  # gradient_checkpointing_enable on transformers < 5.20 (arlow._compat)
+    ckpt, ckpt_calls = run()
+    assert plain_calls == ["text", "vision"] and ckpt_calls == ["text", "text", "vision", "vision"]
+    assert plain.keys() == ckpt.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6)
