@@ -581,6 +581,15 @@ def test_processor_from_pretrained_takes_given_parts_and_video_overrides(tmp_pat
     assert tuned.video_processor.do_normalize is False and tuned.image_processor.do_normalize is False
 
 
+def test_video_processor_from_dict_as_transformers_calls_it():
+    saved = ArlowVideoProcessor(num_frames=5).to_dict()
+    video, unused = ArlowVideoProcessor.from_dict(saved, max_frames=7, padding=True, return_unused_kwargs=True)
+    assert (video.num_frames, video.max_frames, unused) == (5, 7, {"padding": True})
+    assert ArlowVideoProcessor.from_dict(saved) == ArlowVideoProcessor(num_frames=5)
+    video.size = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 2}  # transformers' spelling of the bounds
+    assert (video.min_pixels, video.max_pixels) == (28 * 28, 28 * 28 * 2)
+
+
 def test_processor_takes_only_an_arlow_video_processor():
     with pytest.raises(TypeError, match="ArlowVideoProcessor"):
         ArlowProcessor(video_processor=ArlowImageProcessor())

@@ -162,7 +162,7 @@ class ArlowProcessor(ProcessorMixin):
         legacy = processor_dict.pop("video_config", None)
         settings = saved if isinstance(saved, dict) else legacy
         if isinstance(settings, dict):
-            return ArlowVideoProcessor(**{**settings, **overrides})
+            return ArlowVideoProcessor.from_dict(settings, **overrides)
         path = str(pretrained_model_name_or_path)
         if os.path.isfile(os.path.join(path, VIDEO_CONFIG_NAME)):
             return ArlowVideoProcessor.from_pretrained(path, **overrides)

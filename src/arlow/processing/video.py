@@ -180,6 +180,18 @@ class ArlowVideoProcessor:
         return path
 
     @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Settings dict + keyword overrides -> processor, as transformers' ``from_dict`` (what ``AutoVideoProcessor``
+        calls where torchvision is installed). ``return_unused_kwargs=True`` also returns the keyword arguments that
+        are no video setting."""
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        names = cls.setting_names()
+        used = {key: value for key, value in kwargs.items() if key in names}
+        unused = {key: value for key, value in kwargs.items() if key not in names}
+        processor = cls(**{**config_dict, **used})
+        return (processor, unused) if return_unused else processor
+
+    @classmethod
     def from_pretrained(cls, path, **overrides) -> "ArlowVideoProcessor":
         """From a folder holding ``video_preprocessor_config.json`` (or a processor's ``processor_config.json``
         with a ``video_processor`` entry), or from such a file. ``overrides`` replace saved settings."""
