@@ -105,6 +105,8 @@ def test_prepare_round_trip_images_and_videos(tmp_path):
     summary = prepare_videos(videos, tmp_path / "out" / "videos", VideoSettings(short_side=32, fps=5),
                              samples_per_shard=4, progress=False)
     assert (summary.files_in, summary.written, len(summary.skipped)) == (2, 1, 1)
+    # preparing in this process left PyAV's Python log callback off (with it, threaded decoding can deadlock)
+    assert av.logging.get_level() is None
     [(entry, data)] = _all_samples(ShardSet.open(tmp_path / "out" / "videos"))
     assert (entry["width"], entry["height"], entry["fps"], entry["source_fps"]) == (42, 32, 5.0, 10.0)
     with av.open(io.BytesIO(data)) as container:
@@ -147,6 +149,37 @@ def test_prepare_data_command_and_helpers(tmp_path, capsys):
     assert default_short_side(224) == 256
     assert parse_size("1GB") == 10 ** 9 and parse_size("64k") == 64000
     assert main(["prepare-data", "--out", str(tmp_path / "x"), "--keyframe-interval", "2"]) == 2
+
+
+def test_data_floor_imports_nothing_above_it():
+    """arlow.data sits below pretrain/finetune/evaluation: importing all of it (in a fresh interpreter) loads none
+    of them, and no import statement in its source - lazy ones inside functions included - names them."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import arlow.data
+
+    above = ("arlow.pretrain", "arlow.finetune", "arlow.evaluation", "arlow.demos", "arlow.serving")
+    files = sorted(Path(arlow.data.__file__).parent.glob("*.py"))
+    modules = [f"arlow.data.{f.stem}" for f in files if f.stem != "__init__"]
+    assert "arlow.data.prepare" in modules and "arlow.data.shards" in modules
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\n" \
+           f"print(sorted(m for m in sys.modules if m.startswith({above!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    named = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                # resolve relative imports: level 1 is arlow.data, level 2 arlow
+                base = ["arlow", "data"][: 3 - node.level] if node.level else []
+                named.append((f.name, ".".join(base + [node.module or ""])))
+            elif isinstance(node, ast.Import):
+                named += [(f.name, a.name) for a in node.names]
+    assert any(n == "arlow.processing.media" for _, n in named)  # the scan sees relative imports
+    assert [(f, n) for f, n in named if n and n.startswith(above)] == []
 
 
 def test_shuffle_order_and_deal():
