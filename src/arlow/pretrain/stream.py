@@ -32,6 +32,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.shards import ShardSet, ShardStream, deal, is_prepared, shuffle_order
@@ -217,6 +218,8 @@ class _StreamWorker(_SampleMaker, IterableDataset):
         super().__init__(pipeline)
         self.pipeline, self.start = pipeline, start
         self.decoder_threads = pipeline.decoder_threads
+        # a prepared video has a keyframe at least this often: seeking pays off from there on
+        self.seek_after = float((self.videos.settings if self.videos is not None else {}).get("keyframe_interval", 2.0))
 
     def __iter__(self):
         info = get_worker_info()
@@ -308,7 +311,7 @@ class _StreamWorker(_SampleMaker, IterableDataset):
                 else (None, source_fps / stride)
         frames, _ = read_clip(io.BytesIO(data), self.clip_frames, stride=stride, fps=fps,
                               rng=rng if self.augment else None, threads=self.decoder_threads, name=name,
-                              convert=_FrameCropper(box, self.resolution, flip))
+                              convert=_FrameCropper(box, self.resolution, flip), seek_after=self.seek_after)
         return np.stack(frames)
 
     def patches(self, kind: int, entry: dict, data: bytes, rng: np.random.Generator | None):
@@ -355,6 +358,8 @@ class _FrameCropper:
 
     def __init__(self, box, size: int, flip: bool):
         self.box, self.size, self.flip, self.graph = box, size, flip, None
+        # one reformatter for the clip keeps its swscale context: frame.to_ndarray(format=) set one up per frame
+        self.to_rgb = VideoReformatter()
 
     def __call__(self, frame) -> np.ndarray:
         if self.graph is None:
@@ -372,4 +377,4 @@ class _FrameCropper:
             graph.configure()
             self.graph = graph
         self.graph.push(frame)
-        return self.graph.pull().to_ndarray(format="rgb24")
+        return self.to_rgb.reformat(self.graph.pull(), format="rgb24").to_ndarray()
