@@ -324,9 +324,9 @@ def startup_table(tmp: Path, args) -> str:
     order = data._buffer_order(int((plan["kinds"] == IMAGE).sum()), data.shuffle_buffer, 0, 0, 23)
     first = time.perf_counter() - start
     rows.append([f"StreamingPretrainData on rank 0 of 8, 8 workers ({shards * per_shard:,} samples)",
-                 f"{built:.2f}", "manifest + the first shard's index"])
+                 f"{built:.3f}", "manifest + the first shard's index"])
     rows.append(["... + one worker's epoch plan (mixing, packing, shuffle order of its "
-                 f"{len(order):,} samples)", f"{first:.2f}", "what a worker computes before its first shard"])
+                 f"{len(order):,} samples)", f"{first:.3f}", "what a worker computes before its first shard"])
     start = time.perf_counter()
     count = sum(len(ShardSet.open(root).read_index(i)["samples"]) for i in range(shards))
     rows.append([f"reading every index file ({count:,} samples; a loader that listed every sample)",
