@@ -302,3 +302,40 @@ def test_streamed_samples_match_the_file_pipeline(tmp_path):
     expected, expected_grid, _, _ = files.sample(VIDEO, 0)
     assert torch.equal(grid, expected_grid) and grid.tolist() == [2, 4, 4]
     assert (rows - expected).abs().mean() < 0.03 and rows.std() > 0.3
+
+
+def test_micro_batch_normalisation_and_seeking_from_the_keyframe_interval(prepared):
+    """The worker casts and normalises a micro-batch's uint8 patches once, in place (an image's rows are a view
+    repeating one frame): equal to normalising each sample in float and concatenating. A prepared clip sought
+    from the set's keyframe interval (1 s) gets the same frames as one decoded from the start."""
+    from arlow.data.clips import read_clip
+    from arlow.pretrain.packing import collate_items
+
+    stream = StreamingPretrainData(prepared / "images", prepared / "videos", resolution=56, clip_frames=4,
+                                   frame_stride=4, seed=0)
+    worker = _StreamWorker(stream, 0)
+    assert worker.seek_after == 1.0  # from the manifest's settings
+    rng = np.random.default_rng(0)
+    clip = torch.from_numpy(rng.integers(0, 256, (16, 3, 2 * 14 * 14), dtype=np.uint8))
+    image = torch.from_numpy(rng.integers(0, 256, (4, 3, 1, 14 * 14), dtype=np.uint8)).expand(-1, -1, 2, -1)
+    patches = [clip, image.flatten(2)]
+    mean, std = torch.tensor(stream.mean).view(1, 3, 1), torch.tensor(stream.std).view(1, 3, 1)
+    expected = torch.cat([((p.double() / 255 - mean) / std).reshape(p.shape[0], -1) for p in patches]).float()
+    got = worker.normalise(patches)
+    assert got.shape == (20, 3 * 2 * 196) and torch.allclose(got, expected, atol=1e-5)
+    batch = collate_items(got, [torch.tensor([2, 4, 2]), torch.tensor([1, 2, 2])])
+    assert batch["num_samples"] == 2 and batch["num_tokens"] == 20 and batch["pixel_values"] is got
+    with pytest.raises(ValueError, match="20 patch rows for grids holding 16"):
+        collate_items(got, [torch.tensor([1, 4, 4])])
+
+    [(entry, data)] = _all_samples(ShardSet.open(prepared / "videos"))[:1]
+    late = 0
+    for seed in range(12):
+        frames = {}
+        for seek_after in (worker.seek_after, 1e9):  # 1e9: never seek
+            frames[seek_after], indices = read_clip(io.BytesIO(data), 4, stride=4,
+                                                    rng=np.random.default_rng(seed), seek_after=seek_after,
+                                                    convert=lambda f: f.to_ndarray(format="rgb24"))
+        late += indices[0] / entry["fps"] > 1.0
+        assert all(np.array_equal(a, b) for a, b in zip(frames[1.0], frames[1e9])), seed
+    assert late >= 3  # the check covered clips that were sought
