@@ -69,13 +69,14 @@ def collate_items(rows: Sequence[torch.Tensor] | torch.Tensor, grids: Sequence[t
         raise ValueError("cannot collate an empty micro-batch")
     grid_thw = torch.stack([torch.as_tensor(g, dtype=torch.long) for g in grids])
     pixel_values = rows if isinstance(rows, torch.Tensor) else torch.cat(list(rows), dim=0)
-    if pixel_values.shape[0] != int(grid_thw.prod(dim=-1).sum()):
-        raise ValueError(f"{pixel_values.shape[0]} patch rows for grids holding {int(grid_thw.prod(dim=-1).sum())}")
+    num_tokens = int(grid_thw.prod(dim=-1).sum())
+    if pixel_values.shape[0] != num_tokens:
+        raise ValueError(f"{pixel_values.shape[0]} patch rows for grids holding {num_tokens}")
     batch = {
         "pixel_values": pixel_values,
         "grid_thw": grid_thw,
         "num_samples": len(grids),
-        "num_tokens": int(grid_thw.prod(dim=-1).sum()),
+        "num_tokens": num_tokens,
     }
     if labels is not None:
         batch["labels"] = torch.as_tensor(list(labels), dtype=torch.long)
