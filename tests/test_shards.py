@@ -320,7 +320,8 @@ def test_micro_batch_normalisation_and_seeking_from_the_keyframe_interval(prepar
     image = torch.from_numpy(rng.integers(0, 256, (4, 3, 1, 14 * 14), dtype=np.uint8)).expand(-1, -1, 2, -1)
     patches = [clip, image]  # an image's rows: a stride-0 view (N, C, Tp, P*P), as the worker makes them
     mean, std = torch.tensor(stream.mean).view(1, 3, 1), torch.tensor(stream.std).view(1, 3, 1)
-    expected = torch.cat([((p.double() / 255 - mean) / std).reshape(p.shape[0], -1) for p in patches]).float()
+    expected = torch.cat([((p.double().reshape(p.shape[0], 3, -1) / 255 - mean) / std).reshape(p.shape[0], -1)
+                          for p in patches]).float()
     got = worker.normalise(patches)
     assert got.shape == (20, 3 * 2 * 196) and torch.allclose(got, expected, atol=1e-5)
     batch = collate_items(got, [torch.tensor([2, 4, 2]), torch.tensor([1, 2, 2])])
