@@ -19,8 +19,13 @@ same interleaved run as the raw files, so the ratios hold on a loaded machine. T
 (computed from the per-sample rates, and measured end to end over the shards), workers per GPU for ViT-L/14 and
 the card encoder, start-up time for a synthesised 1-million-sample prepared set, and memory per worker.
 
-    python benchmarks/bench_data.py            # about 3-5 minutes on 2 cores
-    python benchmarks/bench_data.py --quick    # a smoke run
+Rates are given from wall-clock time (median and spread over the interleaved repeats) and from the process's CPU
+time, which other processes on a shared machine disturb far less (a worker with a core to itself runs at about its
+CPU-time rate).
+
+    python benchmarks/bench_data.py                    # about 3-5 minutes on 2 quiet cores
+    python benchmarks/bench_data.py --prepared-only    # only the prepared-shard sections
+    python benchmarks/bench_data.py --quick            # a smoke run
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_times, machine_line, markdown_table, median  # noqa: E402
+from common import interleaved_times, interleaved_wall_and_cpu, machine_line, markdown_table, median  # noqa: E402
 
 from arlow.data.clips import probe_video, read_frames  # noqa: E402
 from arlow.data.prepare import ImageSettings, VideoSettings, default_short_side, prepare_images, \
@@ -205,8 +210,14 @@ def _prepared_samples(data: StreamingPretrainData, kind: int, count: int):
     return run
 
 
-def prepared_table(photo_sets, videos, sets, args) -> tuple[str, dict]:
-    """Raw files and prepared shards, interleaved in one run: samples/s per worker."""
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}"
+
+
+def prepared_table(photo_sets, videos, sets, args) -> tuple[str, dict, dict]:
+    """Raw files and prepared shards, interleaved in one run: samples/s per worker from wall-clock time (median and
+    spread over the repeats) and from this process's CPU time (what the worker costs when it has a core to itself;
+    far less disturbed by other processes on a shared machine)."""
     common = dict(resolution=224, clip_frames=16, frame_stride=4, check_sources=False)
     candidates, counts = {}, {}
     raw_photos = PretrainData(photo_sets[RAW_PHOTOS], **common)
@@ -224,16 +235,19 @@ def prepared_table(photo_sets, videos, sets, args) -> tuple[str, dict]:
         data = StreamingPretrainData(None, sets[(name, BEST)], decoder_threads=2, **common)
         key = ("default, 2 decoder threads (2 cores)", name)
         candidates[key], counts[key] = _prepared_samples(data, VIDEO, args.clips), args.clips
-    times = interleaved_times(candidates, repeats=args.repeats)
+    times, cpu = interleaved_wall_and_cpu(candidates, repeats=args.repeats, warmup=1)
     rates = {key: counts[key] / median(times[key]) for key in candidates}
+    cpu_rates = {key: counts[key] / median(cpu[key]) for key in candidates}
     rows = []
     for (how, name), rate in rates.items():
-        base = rates[("raw", name)]
+        base, cpu_base, cpu_rate = rates[("raw", name)], cpu_rates[("raw", name)], cpu_rates[(how, name)]
         label = {"raw": "raw file", "prepared": "prepared, short side 256 (default for 224 px)",
                  "prepared 501": "prepared, short side 501 (kept as they are)"}.get(how, f"prepared, {how}")
-        rows.append([name, label, f"{rate:.1f}", f"{1000 / rate:.0f}", f"{rate / base:.2f}x"])
-    table = markdown_table(["media", "read from", "samples/s per worker", "ms/sample", "vs raw file"], rows)
-    return table, rates
+        rows.append([name, label, f"{rate:.1f}", _spread([counts[(how, name)] / t for t in times[(how, name)]]),
+                     f"{rate / base:.2f}x", f"{cpu_rate:.1f}", f"{1000 / cpu_rate:.1f}", f"{cpu_rate / cpu_base:.2f}x"])
+    table = markdown_table(["media", "read from", "samples/s (wall)", "spread", "vs raw (wall)",
+                            "samples/s (CPU time)", "CPU ms/sample", "vs raw (CPU)"], rows)
+    return table, rates, cpu_rates
 
 
 def mix_rate(image_rate: float, clip_rate: float, video_prob: float = 0.25) -> float:
@@ -248,16 +262,21 @@ def stream_table(photo_sets, videos, sets, args) -> tuple[str, dict]:
               "prepared shards (defaults)": lambda: StreamingPretrainData(
                   sets["photos"], sets[(RAW_CLIPS, BEST)], **common)}
     runs: dict[str, list[float]] = {name: [] for name in makers}
+    cpu_runs: dict[str, list[float]] = {name: [] for name in makers}
     for _ in range(args.repeats if not args.quick else 1):
         for name, make in makers.items():
             iterator = iter(make())
             next(iterator)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             samples = sum(next(iterator)["num_samples"] for _ in range(args.batches))
             runs[name].append(samples / (time.perf_counter() - start))
+            cpu_runs[name].append(samples / (time.process_time() - start_cpu))
     rates = {name: median(values) for name, values in runs.items()}
-    rows = [[name, f"{rate:.1f}", f"{rate / rates['raw files']:.2f}x"] for name, rate in rates.items()]
-    return markdown_table(["25%-clip mix from", "samples/s (1 process)", "vs raw files"], rows), rates
+    cpu_rates = {name: median(values) for name, values in cpu_runs.items()}
+    rows = [[name, f"{rate:.1f}", _spread(runs[name]), f"{rate / rates['raw files']:.2f}x", f"{cpu_rates[name]:.1f}",
+             f"{cpu_rates[name] / cpu_rates['raw files']:.2f}x"] for name, rate in rates.items()]
+    return markdown_table(["25%-clip mix from", "samples/s (wall)", "spread", "vs raw files",
+                           "samples/s (CPU time)", "vs raw files (CPU)"], rows), rates
 
 
 def gpu_rates() -> dict[str, float]:
@@ -305,9 +324,9 @@ def startup_table(tmp: Path, args) -> str:
     order = data._buffer_order(int((plan["kinds"] == IMAGE).sum()), data.shuffle_buffer, 0, 0, 23)
     first = time.perf_counter() - start
     rows.append([f"StreamingPretrainData on rank 0 of 8, 8 workers ({shards * per_shard:,} samples)",
-                 f"{built:.2f}", "manifest + the first shard's index"])
+                 f"{built:.3f}", "manifest + the first shard's index"])
     rows.append(["... + one worker's epoch plan (mixing, packing, shuffle order of its "
-                 f"{len(order):,} samples)", f"{first:.2f}", "what a worker computes before its first shard"])
+                 f"{len(order):,} samples)", f"{first:.3f}", "what a worker computes before its first shard"])
     start = time.perf_counter()
     count = sum(len(ShardSet.open(root).read_index(i)["samples"]) for i in range(shards))
     rows.append([f"reading every index file ({count:,} samples; a loader that listed every sample)",
@@ -316,6 +335,8 @@ def startup_table(tmp: Path, args) -> str:
 
 
 def _memory_job(make, batches, queue):
+    import resource
+
     import psutil
 
     process = psutil.Process()
@@ -324,7 +345,8 @@ def _memory_job(make, batches, queue):
     for _ in range(batches):
         next(iterator)
     after = process.memory_full_info()
-    queue.put((before.uss, after.uss, after.rss))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    queue.put((before.uss, after.uss, after.rss, peak))
 
 
 def memory_table(photo_sets, videos, sets, args) -> str:
@@ -342,60 +364,82 @@ def memory_table(photo_sets, videos, sets, args) -> str:
         queue = context.Queue()
         process = context.Process(target=_memory_job, args=(make, args.batches, queue))
         process.start()
-        before, after, rss = queue.get()
+        before, after, rss, peak = queue.get()
         process.join()
-        rows.append([name, f"{before / 2**20:.0f}", f"{after / 2**20:.0f}", f"{rss / 2**20:.0f}"])
+        rows.append([name, f"{before / 2**20:.0f}", f"{after / 2**20:.0f}", f"{rss / 2**20:.0f}",
+                     f"{peak / 2**20:.0f}"])
     return markdown_table(["worker reading", "unique MiB at start", f"unique MiB after {args.batches} micro-batches",
-                           "resident MiB (shared pages included)"], rows)
+                           "resident MiB (shared pages included)", "peak resident MiB"], rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run (fewer samples, one repeat)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of each measurement (default 5)")
+    parser.add_argument("--prepared-only", action="store_true",
+                        help="only the prepared-shard sections (raw files vs prepared shards, mix, workers per GPU, "
+                             "start-up, memory): skips the raw-file tables and the 2-worker pipeline")
     args = parser.parse_args()
     torch.set_num_threads(1)  # what a DataLoader worker gets
-    args.images, args.clips, args.repeats, args.batches, args.workers = 30, 3, 5, 30, (0, 1, 2)
+    args.images, args.clips, args.batches, args.workers = 30, 3, 30, (0, 1, 2)
     if args.quick:
         args.images, args.clips, args.repeats, args.batches = 5, 1, 1, 2
     with tempfile.TemporaryDirectory() as tmp:
         photo_sets, videos = make_media(Path(tmp))
         print(f"# Data pipeline throughput ({machine_line()})\n")
-        table, rates = worker_table(photo_sets, videos, args)
-        print("Per worker (1 process, 1 thread), 224 px, decode + crop/flip + normalise + patchify:\n")
-        print(table + "\n")
-        img = rates["ImageNet-size photos (500 px)"]
-        clip = rates["UCF101-like 320x240, 180 frames"]
-        per_sample = 0.75 / img + 0.25 / clip
-        print(f"Mixed 25% clips (ImageNet-size photos, UCF101-like clips): {1 / per_sample:.1f} samples/s per "
-              f"worker ({0.25 / clip / per_sample:.0%} of worker time decoding clips).\n")
-        print("Clip decoding, seek vs decoding from the start (16 frames, stride 4):\n")
-        print(seek_table(videos, args) + "\n")
-        print("Whole pipeline (ImageNet-size photos + UCF101-like clips, 25% clips, 4096-row budget), this "
-              "machine's 2 cores:\n")
-        print(pipeline_table(photo_sets, videos, args) + "\n")
+        if not args.prepared_only:
+            raw_sections(photo_sets, videos, args)
+        prepared_sections(Path(tmp), photo_sets, videos, args)
 
-        sets = prepare_media(Path(tmp), photo_sets, videos)
-        print("## Prepared shards\n")
-        table, prates = prepared_table(photo_sets, videos, sets, args)
-        print("Per worker (1 process, 1 thread), raw files and prepared shards in one interleaved run:\n")
-        print(table + "\n")
-        mixes = {"raw files": mix_rate(prates[("raw", RAW_PHOTOS)], prates[("raw", RAW_CLIPS)])}
-        for label in VIDEO_VARIANTS:
-            mixes[f"prepared, {label}"] = mix_rate(prates[("prepared", RAW_PHOTOS)], prates[(label, RAW_CLIPS)])
-        mixes["prepared, default, photos at 501"] = mix_rate(prates[("prepared 501", RAW_PHOTOS)],
-                                                             prates[(BEST, RAW_CLIPS)])
-        print("25%-clip mix per worker, from the rates above (ImageNet-size photos + UCF101-like clips):\n")
-        print(markdown_table(["read from", "samples/s per worker", "vs raw files"],
-                             [[k, f"{v:.1f}", f"{v / mixes['raw files']:.2f}x"] for k, v in mixes.items()]) + "\n")
-        table, srates = stream_table(photo_sets, videos, sets, args)
-        print(f"The same mix end to end (micro-batches 2-{args.batches + 1}, alternated runs):\n")
-        print(table + "\n")
-        print("Workers per GPU (GPU samples/s / samples/s per worker):\n")
-        print(workers_table({"raw files": mixes["raw files"], "prepared": mixes[f"prepared, {BEST}"]}) + "\n")
-        print("Start-up from index files:\n")
-        print(startup_table(Path(tmp), args) + "\n")
-        print("Memory per worker:\n")
-        print(memory_table(photo_sets, videos, sets, args))
+
+def raw_sections(photo_sets, videos, args) -> None:
+    table, rates = worker_table(photo_sets, videos, args)
+    print("Per worker (1 process, 1 thread), 224 px, decode + crop/flip + normalise + patchify:\n")
+    print(table + "\n")
+    img = rates["ImageNet-size photos (500 px)"]
+    clip = rates["UCF101-like 320x240, 180 frames"]
+    per_sample = 0.75 / img + 0.25 / clip
+    print(f"Mixed 25% clips (ImageNet-size photos, UCF101-like clips): {1 / per_sample:.1f} samples/s per "
+          f"worker ({0.25 / clip / per_sample:.0%} of worker time decoding clips).\n")
+    print("Clip decoding, seek vs decoding from the start (16 frames, stride 4):\n")
+    print(seek_table(videos, args) + "\n")
+    print("Whole pipeline (ImageNet-size photos + UCF101-like clips, 25% clips, 4096-row budget), this "
+          "machine's 2 cores:\n")
+    print(pipeline_table(photo_sets, videos, args) + "\n")
+
+
+def prepared_sections(tmp: Path, photo_sets, videos, args) -> None:
+    sets = prepare_media(tmp, photo_sets, videos)
+    print("## Prepared shards\n")
+    table, prates, pcpu = prepared_table(photo_sets, videos, sets, args)
+    print("Per worker (1 process, 1 thread), raw files and prepared shards in one interleaved run:\n")
+    print(table + "\n")
+    mixes = {"raw files": mix_rate(prates[("raw", RAW_PHOTOS)], prates[("raw", RAW_CLIPS)])}
+    for label in VIDEO_VARIANTS:
+        mixes[f"prepared, {label}"] = mix_rate(prates[("prepared", RAW_PHOTOS)], prates[(label, RAW_CLIPS)])
+    mixes["prepared, default, photos at 501"] = mix_rate(prates[("prepared 501", RAW_PHOTOS)],
+                                                         prates[(BEST, RAW_CLIPS)])
+    cpu_mixes = {"raw files": mix_rate(pcpu[("raw", RAW_PHOTOS)], pcpu[("raw", RAW_CLIPS)])}
+    for label in VIDEO_VARIANTS:
+        cpu_mixes[f"prepared, {label}"] = mix_rate(pcpu[("prepared", RAW_PHOTOS)], pcpu[(label, RAW_CLIPS)])
+    cpu_mixes["prepared, default, photos at 501"] = mix_rate(pcpu[("prepared 501", RAW_PHOTOS)],
+                                                             pcpu[(BEST, RAW_CLIPS)])
+    share = 0.25 / pcpu[(BEST, RAW_CLIPS)] * cpu_mixes[f"prepared, {BEST}"]
+    print("25%-clip mix per worker, from the rates above (ImageNet-size photos + UCF101-like clips):\n")
+    print(markdown_table(["read from", "samples/s (wall)", "vs raw files", "samples/s (CPU time)", "vs raw (CPU)"],
+                         [[k, f"{v:.1f}", f"{v / mixes['raw files']:.2f}x", f"{cpu_mixes[k]:.1f}",
+                           f"{cpu_mixes[k] / cpu_mixes['raw files']:.2f}x"] for k, v in mixes.items()]) + "\n")
+    print(f"Prepared, defaults: clips take {share:.0%} of a worker's CPU time, images {1 - share:.0%}.\n")
+    table, srates = stream_table(photo_sets, videos, sets, args)
+    print(f"The same mix end to end (micro-batches 2-{args.batches + 1}, alternated runs):\n")
+    print(table + "\n")
+    print("Workers per GPU (GPU samples/s / samples/s per worker):\n")
+    print(workers_table({"raw files": mixes["raw files"], "prepared": mixes[f"prepared, {BEST}"],
+                         "prepared, CPU time": cpu_mixes[f"prepared, {BEST}"]}) + "\n")
+    print("Start-up from index files:\n")
+    print(startup_table(tmp, args) + "\n")
+    print("Memory per worker:\n")
+    print(memory_table(photo_sets, videos, sets, args))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,8 @@ def test_prepare_round_trip_images_and_videos(tmp_path):
     summary = prepare_videos(videos, tmp_path / "out" / "videos", VideoSettings(short_side=32, fps=5),
                              samples_per_shard=4, progress=False)
     assert (summary.files_in, summary.written, len(summary.skipped)) == (2, 1, 1)
+    # preparing in this process left PyAV's Python log callback off (with it, threaded decoding can deadlock)
+    assert av.logging.get_level() is None
     [(entry, data)] = _all_samples(ShardSet.open(tmp_path / "out" / "videos"))
     assert (entry["width"], entry["height"], entry["fps"], entry["source_fps"]) == (42, 32, 5.0, 10.0)
     with av.open(io.BytesIO(data)) as container:
@@ -147,6 +149,37 @@ def test_prepare_data_command_and_helpers(tmp_path, capsys):
     assert default_short_side(224) == 256
     assert parse_size("1GB") == 10 ** 9 and parse_size("64k") == 64000
     assert main(["prepare-data", "--out", str(tmp_path / "x"), "--keyframe-interval", "2"]) == 2
+
+
+def test_data_floor_imports_nothing_above_it():
+    """arlow.data sits below pretrain/finetune/evaluation: importing all of it (in a fresh interpreter) loads none
+    of them, and no import statement in its source - lazy ones inside functions included - names them."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import arlow.data
+
+    above = ("arlow.pretrain", "arlow.finetune", "arlow.evaluation", "arlow.demos", "arlow.serving")
+    files = sorted(Path(arlow.data.__file__).parent.glob("*.py"))
+    modules = [f"arlow.data.{f.stem}" for f in files if f.stem != "__init__"]
+    assert "arlow.data.prepare" in modules and "arlow.data.shards" in modules
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\n" \
+           f"print(sorted(m for m in sys.modules if m.startswith({above!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    named = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                # resolve relative imports: level 1 is arlow.data, level 2 arlow
+                base = ["arlow", "data"][: 3 - node.level] if node.level else []
+                named.append((f.name, ".".join(base + [node.module or ""])))
+            elif isinstance(node, ast.Import):
+                named += [(f.name, a.name) for a in node.names]
+    assert any(n == "arlow.processing.media" for _, n in named)  # the scan sees relative imports
+    assert [(f, n) for f, n in named if n and n.startswith(above)] == []
 
 
 def test_shuffle_order_and_deal():
@@ -269,3 +302,41 @@ def test_streamed_samples_match_the_file_pipeline(tmp_path):
     expected, expected_grid, _, _ = files.sample(VIDEO, 0)
     assert torch.equal(grid, expected_grid) and grid.tolist() == [2, 4, 4]
     assert (rows - expected).abs().mean() < 0.03 and rows.std() > 0.3
+
+
+def test_micro_batch_normalisation_and_seeking_from_the_keyframe_interval(prepared):
+    """The worker casts and normalises a micro-batch's uint8 patches once, in place (an image's rows are a view
+    repeating one frame): equal to normalising each sample in float and concatenating. A prepared clip sought
+    from the set's keyframe interval (1 s) gets the same frames as one decoded from the start."""
+    from arlow.data.clips import read_clip
+    from arlow.pretrain.packing import collate_items
+
+    stream = StreamingPretrainData(prepared / "images", prepared / "videos", resolution=56, clip_frames=4,
+                                   frame_stride=4, seed=0)
+    worker = _StreamWorker(stream, 0)
+    assert worker.seek_after == 1.0  # from the manifest's settings
+    rng = np.random.default_rng(0)
+    clip = torch.from_numpy(rng.integers(0, 256, (16, 3, 2 * 14 * 14), dtype=np.uint8))
+    image = torch.from_numpy(rng.integers(0, 256, (4, 3, 1, 14 * 14), dtype=np.uint8)).expand(-1, -1, 2, -1)
+    patches = [clip, image]  # an image's rows: a stride-0 view (N, C, Tp, P*P), as the worker makes them
+    mean, std = torch.tensor(stream.mean).view(1, 3, 1), torch.tensor(stream.std).view(1, 3, 1)
+    expected = torch.cat([((p.double().reshape(p.shape[0], 3, -1) / 255 - mean) / std).reshape(p.shape[0], -1)
+                          for p in patches]).float()
+    got = worker.normalise(patches)
+    assert got.shape == (20, 3 * 2 * 196) and torch.allclose(got, expected, atol=1e-5)
+    batch = collate_items(got, [torch.tensor([2, 4, 2]), torch.tensor([1, 2, 2])])
+    assert batch["num_samples"] == 2 and batch["num_tokens"] == 20 and batch["pixel_values"] is got
+    with pytest.raises(ValueError, match="20 patch rows for grids holding 16"):
+        collate_items(got, [torch.tensor([1, 4, 4])])
+
+    [(entry, data)] = _all_samples(ShardSet.open(prepared / "videos"))[:1]
+    late = 0
+    for seed in range(12):
+        frames = {}
+        for seek_after in (worker.seek_after, 1e9):  # 1e9: never seek
+            frames[seek_after], indices = read_clip(io.BytesIO(data), 4, stride=4,
+                                                    rng=np.random.default_rng(seed), seek_after=seek_after,
+                                                    convert=lambda f: f.to_ndarray(format="rgb24"))
+        late += indices[0] / entry["fps"] > 1.0
+        assert all(np.array_equal(a, b) for a, b in zip(frames[1.0], frames[1e9])), seed
+    assert late >= 3  # the check covered clips that were sought

@@ -150,8 +150,8 @@ def _prepare_data(parser: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "pretrain": ("arlow.pretrain.run", "MAE pretraining of the vision encoder (no arguments: a tiny demo run)",
                  _pretrain),
-    "prepare-data": ("arlow.data.prepare", "write prepared shards (resized images, re-encoded videos, indexes)",
-                     _prepare_data),
+    "prepare-data": ("arlow.pretrain.prepare_data",
+                     "write prepared shards (resized images, re-encoded videos, indexes)", _prepare_data),
     "export": ("arlow.pretrain.export", "export vision_encoder/ + processors from a pretraining checkpoint", _export),
     "reconstruct": ("arlow.pretrain.reconstruct", "MAE reconstruction grid (PNG) for images or videos", _reconstruct),
     "create-model": ("arlow.assemble", "write a model folder: a preset with random weights, or encoder + text model",

@@ -115,12 +115,14 @@ def read_frames(path: str, indices: Sequence[int], seek: bool = True) -> list[Im
 
 def read_clip(path, num_frames: int, *, stride: int | None = None, fps: float | None = None,
               rng: np.random.Generator | None = None, threads: int = 1, name: str | None = None,
-              convert=None) -> tuple[list, list[int]]:
+              convert=None, seek_after: float = 2.0) -> tuple[list, list[int]]:
     """``num_frames`` RGB frames of ``path`` (see :func:`clip_indices`) and the source frame indices used.
 
     ``path`` may be a binary file object (``name`` then names it in errors); ``threads > 1`` lets FFmpeg decode
     with that many threads (frame and slice threading); ``convert(av.VideoFrame)`` makes each wanted frame
-    (default: an RGB PIL image).
+    (default: an RGB PIL image); a clip starting more than ``seek_after`` seconds in is reached by seeking to the
+    keyframe before it (web video often has keyframes seconds apart, so nearer the start decoding from the first
+    frame costs no more; a prepared video has one every second or less).
     """
     name = name or str(path)
     with _open(path) as container:
@@ -129,7 +131,7 @@ def read_clip(path, num_frames: int, *, stride: int | None = None, fps: float | 
             container.streams.video[0].thread_type = "AUTO"
             container.streams.video[0].codec_context.thread_count = threads
         indices = clip_indices(info.num_frames, info.fps, num_frames, stride=stride, fps=fps, rng=rng)
-        return _decode(container, name, indices, info, convert=convert), indices
+        return _decode(container, name, indices, info, convert=convert, seek_after=seek_after), indices
 
 
 def _open(path):
@@ -140,8 +142,8 @@ def _open(path):
         raise UnreadableMediaError(f"cannot open video {path}: {type(error).__name__}: {error}") from error
 
 
-def _decode(container, path: str, indices: Sequence[int], info: VideoInfo, seek: bool = True, convert=None
-            ) -> list[Image.Image]:
+def _decode(container, path: str, indices: Sequence[int], info: VideoInfo, seek: bool = True, convert=None,
+            seek_after: float = 2.0) -> list[Image.Image]:
     convert = convert or av.VideoFrame.to_image
     wanted = sorted(set(int(i) for i in indices))
     if not wanted:
@@ -156,7 +158,7 @@ def _decode(container, path: str, indices: Sequence[int], info: VideoInfo, seek:
     got: dict[int, Image.Image] = {}
     last_index, last_frame = -1, None
     try:
-        if seek and time_base and wanted[0] > 2 * info.fps:  # land on the keyframe at or before the first time
+        if seek and time_base and times[0] > seek_after:  # land on the keyframe at or before the first time
             container.seek(origin + int(times[0] / time_base), stream=stream, backward=True, any_frame=False)
         pointer = 0
         for counter, frame in enumerate(container.decode(stream)):

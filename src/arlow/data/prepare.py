@@ -250,8 +250,10 @@ _WORKER: dict = {}
 
 
 def _init_worker(kind, source, settings):
+    # PyAV's own log level stays None (FFmpeg's messages dropped in C; decoding errors are reported per file):
+    # any other level routes every FFmpeg message through a Python callback that takes the GIL, which deadlocks a
+    # frame-threaded decoder thread against a main thread holding the GIL - in this process, when workers <= 1
     _WORKER.update(kind=kind, source=source, settings=settings)
-    av.logging.set_level(av.logging.PANIC)  # decoding errors are reported per file, not on stderr
 
 
 def _make_shard(task) -> dict:
@@ -419,10 +421,11 @@ def _video_rate(choice: str, data: dict) -> tuple[float | None, int]:
     return fps, 1
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..pretrain.run import load_recipe
-
-    data = dict(load_recipe(args.config, list(args.overrides)).get("data") or {})
+def run(args: argparse.Namespace, data: dict) -> int:
+    """``arlow prepare-data``: ``args`` as parsed by ``arlow_cli``; ``data`` the recipe's data section (sources,
+    ``resolution``, ``frame_stride``/``clip_fps``), loaded by the caller - :mod:`arlow.pretrain.prepare_data`, since
+    this floor must not import the pretraining recipe code above it."""
+    data = dict(data or {})
     images = args.images if args.images is not None else data.get("images", "builtin")
     videos = args.videos if args.videos is not None else data.get("videos")
     builtin_images, builtin_videos = builtin_media()

@@ -60,17 +60,23 @@ def pack_by_budget(costs: Sequence[int], budget: int) -> list[list[int]]:
     return groups
 
 
-def collate_items(rows: Sequence[torch.Tensor], grids: Sequence[torch.Tensor],
+def collate_items(rows: Sequence[torch.Tensor] | torch.Tensor, grids: Sequence[torch.Tensor],
                   labels: Sequence[int] | None = None) -> dict:
-    """Concatenate per-item patch rows ``(N_i, D)`` and grids ``(3,)`` into one micro-batch dict (format above)."""
-    if not rows:
+    """Concatenate per-item patch rows ``(N_i, D)`` and grids ``(3,)`` into one micro-batch dict (format above).
+
+    ``rows`` may also be the items' rows already concatenated, ``(sum N_i, D)``, which is used as it is."""
+    if not len(grids):
         raise ValueError("cannot collate an empty micro-batch")
     grid_thw = torch.stack([torch.as_tensor(g, dtype=torch.long) for g in grids])
+    pixel_values = rows if isinstance(rows, torch.Tensor) else torch.cat(list(rows), dim=0)
+    num_tokens = int(grid_thw.prod(dim=-1).sum())
+    if pixel_values.shape[0] != num_tokens:
+        raise ValueError(f"{pixel_values.shape[0]} patch rows for grids holding {num_tokens}")
     batch = {
-        "pixel_values": torch.cat(list(rows), dim=0),
+        "pixel_values": pixel_values,
         "grid_thw": grid_thw,
-        "num_samples": len(rows),
-        "num_tokens": int(grid_thw.prod(dim=-1).sum()),
+        "num_samples": len(grids),
+        "num_tokens": num_tokens,
     }
     if labels is not None:
         batch["labels"] = torch.as_tensor(list(labels), dtype=torch.long)
