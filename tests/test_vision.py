@@ -230,6 +230,8 @@ def test_absolute_position_embedding_makes_content_depend_on_place(tiny_model):
 def test_absolute_position_table_must_be_square(tiny_config):
     with pytest.raises(ValueError, match="square"):
         tiny_config("vision", num_position_embeddings=10)
+    with pytest.raises(ValueError, match="embed_dim % 4"):
+        tiny_config("vision", num_position_embeddings=16, embed_dim=18, num_heads=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -845,3 +847,21 @@ def test_flop_formula_matches_the_anchors_and_the_layers(tiny_config):
                     if isinstance(m, torch.nn.Linear) and "merger" in name)
     attention = cfg.depth * 4 * cfg.embed_dim * sum(n * n for n in lengths)
     assert vision_forward_flops(cfg, lengths) == 2 * rows * per_row + 2 * tokens * per_token + attention
+
+
+def test_position_table_starts_as_the_sine_cosine_table(tiny_config):
+    """The learned table is initialised with MAE's 2-D sine-cosine table (recomputed here from its definition), so
+    position is in the tokens from the first step (a random table of the weights' 0.02 scale drowned under the
+    patch content in the shapes demonstration)."""
+    cfg = tiny_config("vision", num_position_embeddings=9)
+    model = ArlowVLVisionModel(cfg)
+    side, dim = 3, cfg.embed_dim
+    quarter = dim // 4
+    want = torch.empty(side * side, dim)
+    for h in range(side):
+        for w in range(side):
+            for k in range(quarter):
+                f = 10000.0 ** (-k / quarter)
+                want[h * side + w, k], want[h * side + w, quarter + k] = math.sin(h * f), math.cos(h * f)
+                want[h * side + w, 2 * quarter + k], want[h * side + w, 3 * quarter + k] = math.sin(w * f), math.cos(w * f)
+    torch.testing.assert_close(model.pos_embed.weight.detach(), want)

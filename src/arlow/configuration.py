@@ -88,8 +88,9 @@ class ArlowVisionConfig(PreTrainedConfig):
             ``t`` temporal patches, with time mixed only inside each temporal patch (and later by the LM).
         num_position_embeddings: ``0`` (the published encoder): positions reach the encoder only through the
             relative rotary angles and the locality bias. ``S * S > 0``: a learned ``S x S`` table of absolute
-            position embeddings, bilinearly interpolated to each item's (h, w) grid and added to the patch
-            embeddings (Qwen3-VL's ``pos_embed``), so each token's content says where in its image it sits.
+            position embeddings (initialised with MAE's 2-D sine-cosine table; ``embed_dim`` a multiple of 4),
+            bilinearly interpolated to each item's (h, w) grid and added to the patch embeddings (Qwen3-VL's
+            ``pos_embed``), so each token's content says where in its image it sits.
         use_progressive_patches: add a learned projection of the ``s x s``-pooled patch embeddings (a coarser
             scale) to every patch before block 0.
         deepstack_visual_indexes: blocks after which a DeepStack merger taps the hidden states. ``None`` derives
@@ -145,6 +146,8 @@ class ArlowVisionConfig(PreTrainedConfig):
                 f"ArlowVisionConfig.num_position_embeddings must be 0 (none) or a square S*S (an S x S table), got "
                 f"{self.num_position_embeddings}"
             )
+        if self.num_position_embeddings and self.embed_dim % 4:
+            raise ValueError(f"ArlowVisionConfig: the absolute position table needs embed_dim % 4 == 0, got {self.embed_dim}")
         if self.deformable_attention_strength < 0:
             raise ValueError("ArlowVisionConfig.deformable_attention_strength must be >= 0")
         if self.video_attention not in ("clip", "frame"):

@@ -122,6 +122,23 @@ def interpolated_position_weights(positions: torch.Tensor, extents: torch.Tensor
     return index, weight
 
 
+def sincos_position_table(side: int, dim: int) -> torch.Tensor:
+    """``(side * side, dim)`` 2-D sine-cosine position embeddings (MAE's fixed table), row-major over (h, w).
+
+    The first half of the channels encodes h, the second half w; each half is ``sin`` then ``cos`` of the position
+    at ``dim / 4`` frequencies ``10000 ** (-k / (dim / 4))``. It initialises the learned table, so position is
+    present in every token from the first step instead of hiding under random noise of the size of the weights'
+    init. ``dim`` must be a multiple of 4.
+    """
+    quarter = dim // 4
+    freqs = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    axis = torch.arange(side, dtype=torch.float64)[:, None] * freqs  # (side, quarter)
+    per_axis = torch.cat([axis.sin(), axis.cos()], dim=1)  # (side, dim/2)
+    h = per_axis[:, None, :].expand(side, side, -1)
+    w = per_axis[None, :, :].expand(side, side, -1)
+    return torch.cat([h, w], dim=-1).reshape(side * side, dim).float()
+
+
 def locality_bias(coords: torch.Tensor, strength: float, window: float) -> torch.Tensor:
     """Parameter-free additive attention bias that favours nearby patches (the fork's "deformable attention").
 
@@ -275,6 +292,11 @@ class ArlowVisionPatchEmbed(nn.Module):
         return linear(pixel_values.to(weight.dtype), weight.view(weight.shape[0], -1))
 
 
+class ArlowVisionPositionTable(nn.Embedding):
+    """The learned ``S x S`` absolute position table (``num_position_embeddings = S * S`` rows of ``embed_dim``),
+    initialised with :func:`sincos_position_table`; read out by :meth:`ArlowVLVisionModel._absolute_positions`."""
+
+
 class ArlowVisionRotaryEmbedding(nn.Module):
     """Angles of the 3-D (t, h, w) rotary embedding for given patch positions.
 
@@ -422,6 +444,8 @@ class ArlowPreTrainedModel(ActivationCheckpointingCompat, PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, ArlowVisionPositionTable):
+            init.copy_(module.weight, sincos_position_table(math.isqrt(module.num_embeddings), module.embedding_dim))
         else:
             super()._init_weights(module)
 
@@ -444,7 +468,7 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         self.blocks = nn.ModuleList(ArlowVLBlock(config) for _ in range(config.depth))
         self.merger = ArlowVLPatchMerger(config)
         if config.num_position_embeddings:
-            self.pos_embed = nn.Embedding(config.num_position_embeddings, config.embed_dim)
+            self.pos_embed = ArlowVisionPositionTable(config.num_position_embeddings, config.embed_dim)
         if config.use_progressive_patches:
             self.progressive_proj = Linear(config.embed_dim, config.embed_dim)
         if config.deepstack_visual_indexes:
