@@ -18,6 +18,7 @@ from arlow.data.prepare import ImageSettings, VideoSettings, default_short_side,
     prepare_videos
 from arlow.data.shards import ShardSet, ShardStream, deal, shuffle_order
 from arlow.data.sources import ImageList, builtin_media
+from arlow.data.augment import image_normalisation
 from arlow.pretrain.data import IMAGE, VIDEO, PretrainData
 from arlow.pretrain.stream import StreamingPretrainData, _StreamWorker
 from media import level_frames, write_video
@@ -304,6 +305,40 @@ def test_streamed_samples_match_the_file_pipeline(tmp_path):
     assert (rows - expected).abs().mean() < 0.03 and rows.std() > 0.3
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_rows_normalised_on_the_device_equal_the_worker_path(prepared, streamed):
+    """``normalise=False`` hands over uint8 rows and ``DeviceNormaliser`` (the MAE step's first op, on the training
+    device: CUDA when there is one) makes them float: the same numbers as today's CPU path (raw files:
+    ``frames_to_tensor`` then patchify; prepared shards: the worker's in-place cast) to float rounding, and as an
+    independent float64 ``(x / 255 - mean) / std``. Same batches otherwise (order, grids, counts)."""
+    from arlow.pretrain.pixels import DeviceNormaliser
+
+    images, videos = builtin_media()
+    settings = dict(num_workers=0, pin_memory=False, **SMALL)
+    make = (lambda **kw: StreamingPretrainData(prepared / "images", prepared / "videos", **kw, **settings)) \
+        if streamed else (lambda **kw: PretrainData(images, videos, **kw, **settings))
+    cpu, raw = _batches(make(), 4), _batches(make(normalise=False), 4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    normaliser = DeviceNormaliser(*image_normalisation())
+    mean = torch.tensor(image_normalisation()[0], dtype=torch.float64).view(1, 3, 1)
+    std = torch.tensor(image_normalisation()[1], dtype=torch.float64).view(1, 3, 1)
+    assert sum(b["num_samples"] for b in raw) > 4 and any(b["grid_thw"][:, 0].max() > 1 for b in raw)  # clips too
+    for want, got in zip(cpu, raw):
+        assert got["pixel_values"].dtype == torch.uint8 and want["pixel_values"].dtype == torch.float32
+        assert torch.equal(want["grid_thw"], got["grid_thw"]) and want["num_tokens"] == got["num_tokens"]
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in got.items()}
+        on_device = normaliser(moved)["pixel_values"]
+        assert on_device.device.type == device and on_device.dtype == torch.float32
+        on_device = on_device.cpu()
+        assert torch.allclose(on_device, want["pixel_values"], atol=1e-6, rtol=0)
+        rows = got["pixel_values"].double().view(got["pixel_values"].shape[0], 3, -1)
+        exact = ((rows / 255 - mean) / std).view(on_device.shape)
+        assert (on_device.double() - exact).abs().max() < 1e-6
+        assert normaliser({"pixel_values": want["pixel_values"]})["pixel_values"] is want["pixel_values"]  # floats pass
+    with pytest.raises(ValueError, match="positive std"):
+        DeviceNormaliser((0.5, 0.5, 0.5), (0.5, 0.0, 0.5))
+
+
 def test_micro_batch_normalisation_and_seeking_from_the_keyframe_interval(prepared):
     """The worker casts and normalises a micro-batch's uint8 patches once, in place (an image's rows are a view
     repeating one frame): equal to normalising each sample in float and concatenating. A prepared clip sought
@@ -322,7 +357,7 @@ def test_micro_batch_normalisation_and_seeking_from_the_keyframe_interval(prepar
     mean, std = torch.tensor(stream.mean).view(1, 3, 1), torch.tensor(stream.std).view(1, 3, 1)
     expected = torch.cat([((p.double().reshape(p.shape[0], 3, -1) / 255 - mean) / std).reshape(p.shape[0], -1)
                           for p in patches]).float()
-    got = worker.normalise(patches)
+    got = worker.assemble(patches)
     assert got.shape == (20, 3 * 2 * 196) and torch.allclose(got, expected, atol=1e-5)
     batch = collate_items(got, [torch.tensor([2, 4, 2]), torch.tensor([1, 2, 2])])
     assert batch["num_samples"] == 2 and batch["num_tokens"] == 20 and batch["pixel_values"] is got

@@ -78,7 +78,7 @@ class _SampleMaker:
         # copy the settings, not the pipeline: workers get a small object without plans or counters
         for name in ("images", "videos", "seed", "resolution", "augment", "scale", "ratio", "hflip_prob",
                      "clip_frames", "frame_stride", "clip_fps", "mean", "std", "patch_size", "temporal_patch_size",
-                     "merge_size", "with_labels"):
+                     "merge_size", "with_labels", "normalise"):
             setattr(self, name, getattr(pipeline, name))
         # (kind, index) -> reason of files known to be unreadable; in a worker, its own copy keeps growing
         self.unreadable = pipeline._unreadable
@@ -125,14 +125,19 @@ class _SampleMaker:
         return frames
 
     def to_patches(self, frames, rng: np.random.Generator):
-        """Same crop and flip for every frame -> normalised ``(T, 3, R, R)`` -> padded to Tp -> patch rows."""
+        """Same crop and flip for every frame -> ``(T, 3, R, R)`` (normalised float32, or uint8 with
+        ``normalise=False``) -> padded to Tp -> patch rows."""
         width, height = frames[0].size
         if self.augment:
             box = random_resized_crop_box(width, height, rng, self.scale, self.ratio)
             flip = bool(rng.random() < self.hflip_prob)
         else:
             box, flip = center_crop_box(width, height), False
-        pixels = frames_to_tensor(crop_frames(frames, box, self.resolution, flip), self.mean, self.std)
+        frames = crop_frames(frames, box, self.resolution, flip)
+        if self.normalise:
+            pixels = frames_to_tensor(frames, self.mean, self.std)
+        else:  # uint8 rows, normalised on the training device (see arlow.pretrain.pixels)
+            pixels = torch.from_numpy(np.stack([np.asarray(f, dtype=np.uint8) for f in frames])).permute(0, 3, 1, 2)
         # an image is Tp identical frames; a clip is padded by repeating its last frame
         return patchify(pad_frames(pixels, self.temporal_patch_size), self.patch_size, self.temporal_patch_size,
                         self.merge_size)
@@ -173,6 +178,11 @@ class PretrainData:
         check_sources: at start-up, decode items until one reads, so an unreadable source fails early.
         pin_memory: hand out micro-batches in pinned (page-locked) memory, so that the copy to the GPU runs
             without stalling the host; ``None``: when CUDA is available.
+        normalise: ``pixel_values`` as float32, rescaled and normalised per channel with the image processor's
+            mean/std; ``False``: the uint8 pixel values (0-255) in the same layout, a quarter of the bytes, for the
+            training device to normalise (:class:`~arlow.pretrain.pixels.DeviceNormaliser`, which ``arlow
+            pretrain`` uses: it sets ``False`` unless the recipe says otherwise). Either way the model sees the
+            same numbers, within float rounding.
     """
 
     def __init__(self, images=None, videos=None, *, vision_config: ArlowVisionConfig | None = None,
@@ -181,7 +191,8 @@ class PretrainData:
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip_prob: float = 0.5, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, prefetch_factor: int = 2, epochs: int | None = None,
-                 with_labels: bool | None = None, check_sources: bool = True, pin_memory: bool | None = None):
+                 with_labels: bool | None = None, check_sources: bool = True, pin_memory: bool | None = None,
+                 normalise: bool = True):
         if images is None and videos is None:
             raise ValueError("give an image source, a video source or both (see PretrainData.builtin() for a demo)")
         self.images, self.videos = self._open_sources(images, videos)
@@ -230,6 +241,7 @@ class PretrainData:
         self.num_workers, self.prefetch_factor, self.epochs = num_workers, prefetch_factor, epochs
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.mean, self.std = image_normalisation()
+        self.normalise = bool(normalise)
         sources = [s for s in (self.images, self.videos) if s is not None]
         has_labels = all(s.labels is not None for s in sources)
         if with_labels and not has_labels:

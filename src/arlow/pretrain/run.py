@@ -36,6 +36,7 @@ from .data import IMAGE, VIDEO, PretrainData
 from .export import export_checkpoint, load_mae_checkpoint
 from .mae import ArlowMAEConfig, ArlowMAEForPreTraining, mae_train_flops
 from .packing import collate_items
+from .pixels import DeviceNormaliser
 from .plan import accumulation_for, check_plan, run_plan
 from .reconstruct import save_reconstruction_grid, side_by_side
 from .stream import StreamingPretrainData
@@ -78,6 +79,8 @@ def build_data(data_section: dict, vision_config, seed: int) -> PretrainData:
     for key in ("scale", "ratio"):
         if key in section:
             section[key] = tuple(section[key])
+    # uint8 rows leave the workers; the step normalises them on the device (DeviceNormaliser in pretrain())
+    section.setdefault("normalise", False)
     return data_class(images, videos)(images, videos, vision_config=vision_config, seed=seed, rank=rank,
                                       world_size=world, **section)
 
@@ -143,7 +146,7 @@ def pretrain(tree: dict) -> dict:
     mae_config = model.config
     trainer = Trainer(train_cfg, model, data, flops_per_batch=lambda batch: mae_train_flops(mae_config,
                                                                                               batch["grid_thw"]),
-                      on_checkpoint=on_checkpoint)
+                      on_checkpoint=on_checkpoint, on_device=DeviceNormaliser(mean, std))
     summary = trainer.train()
     out = Path(train_cfg.output_dir)
     grids = {int(p.stem.rsplit("-", 1)[1]): p for p in out.glob("reconstructions-step-*.png")}

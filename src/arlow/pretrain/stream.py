@@ -42,6 +42,7 @@ from ..data.clips import UnreadableMediaError, read_clip
 from ..data.sources import _decode_image
 from .data import IMAGE, VIDEO, PretrainData, _identity, _pinned, _plain, _rng, _SampleMaker, mix
 from .packing import collate_items, pack_by_budget
+from .pixels import normalise_rows
 
 __all__ = ["StreamingPretrainData"]
 
@@ -273,7 +274,7 @@ class _StreamWorker(_SampleMaker, IterableDataset):
                 rows.append(item_rows)
                 grids.append(grid)
                 labels.append(label)
-            yield collate_items(self.normalise(rows), grids, labels if self.with_labels else None), skipped
+            yield collate_items(self.assemble(rows), grids, labels if self.with_labels else None), skipped
 
     def _videos(self, epoch: int, stream: int, shards: list[int], skip: int):
         """The stream's clips: its video shards over and over, a new shuffle each cycle, from clip ``skip`` on."""
@@ -319,7 +320,7 @@ class _StreamWorker(_SampleMaker, IterableDataset):
 
         An image is one frame standing for ``Tp`` identical ones: it is patchified once and returned as a stride-0
         view ``(N, C, Tp, P*P)`` repeating it ``Tp`` times (the row layout is ``(C, Tp, P, P)``); the repeat is
-        written only by :meth:`normalise`."""
+        written only by :meth:`assemble`."""
         pixels = torch.from_numpy(self.frames(kind, entry, data, rng)).permute(0, 3, 1, 2)
         tp = self.temporal_patch_size
         if pixels.shape[0] == 1:
@@ -328,27 +329,26 @@ class _StreamWorker(_SampleMaker, IterableDataset):
         rows, grid = patchify(pad_frames(pixels, tp), self.patch_size, tp, self.merge_size)
         return rows.view(rows.shape[0], 3, -1), grid
 
-    def normalise(self, patches: list[torch.Tensor]) -> torch.Tensor:
-        """uint8 rows of samples ``[(N_i, C, ...)]`` (``C * ...`` = the row length) -> one float32 ``(sum N_i,
-        row length)``: each cast while copied into its place, then rescaled and normalised per channel in place.
-        One allocation and two passes over a micro-batch's floats; casting, normalising and concatenating each
-        sample took three of each."""
-        if not hasattr(self, "_scale"):  # x / (255 std) - mean / std per channel, shaped (1, C, 1)
-            self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(1, 3, 1)
-            self._shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(1, 3, 1)
-        out = torch.empty(sum(p.shape[0] for p in patches), 3, patches[0][0, 0].numel(), dtype=torch.float32)
+    def assemble(self, patches: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 rows of samples ``[(N_i, C, ...)]`` (``C * ...`` = the row length) -> one ``(sum N_i, row
+        length)`` tensor: uint8 as they are when the pipeline has ``normalise=False`` (the training device
+        normalises them), else float32, each sample cast while copied into its place, then rescaled and normalised
+        per channel in place (:func:`~arlow.pretrain.pixels.normalise_rows`): one allocation and two passes over
+        a micro-batch's floats."""
+        dtype = torch.float32 if self.normalise else torch.uint8
+        out = torch.empty(sum(p.shape[0] for p in patches), 3, patches[0][0, 0].numel(), dtype=dtype)
         start = 0
         for p in patches:
             out[start: start + p.shape[0]].view(p.shape).copy_(p)
             start += p.shape[0]
-        torch.addcmul(self._shift, out, self._scale, out=out)
-        return out.view(out.shape[0], -1)
+        out = out.view(out.shape[0], -1)
+        return normalise_rows(out, self.mean, self.std, out=out) if self.normalise else out
 
     def rows(self, kind: int, entry: dict, data: bytes, rng: np.random.Generator | None):
-        """One sample -> ``(rows (N, C*Tp*P*P) float32, grid_thw (3,))``: patchified as uint8 (a quarter of the
-        bytes to move), then rescaled and normalised per channel (:meth:`normalise`)."""
+        """One sample -> ``(rows (N, C*Tp*P*P), grid_thw (3,))``: patchified as uint8, then normalised to float32
+        unless the pipeline has ``normalise=False`` (:meth:`assemble`)."""
         rows, grid = self.patches(kind, entry, data, rng)
-        return self.normalise([rows]), grid
+        return self.assemble([rows]), grid
 
 
 class _FrameCropper:

@@ -117,6 +117,10 @@ class Trainer:
             is part of the checkpoint, which appears only once the hook has finished (under ZeRO-3 read weights
             from ``checkpoint_dir/model.safetensors``). It cannot move the training RNG streams (see
             :func:`arlow.training.rng.preserved_rng`).
+        on_device: optional ``callable(inputs) -> inputs``, the step's first op on each micro-batch's model inputs
+            once they are on the training device (before the model and any DeepSpeed dtype cast): work moved off
+            the data workers, e.g. MAE pretraining normalises uint8 pixels here
+            (:class:`arlow.pretrain.pixels.DeviceNormaliser`).
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class Trainer:
         param_groups: list[dict[str, Any]] | None = None,
         flops_per_batch: Callable[[Mapping[str, Any]], float] | None = None,
         on_checkpoint: Callable[[Path, torch.nn.Module], None] | None = None,
+        on_device: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ):
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -138,6 +143,7 @@ class Trainer:
         self.data = data
         self.flops_per_batch = flops_per_batch
         self.on_checkpoint = on_checkpoint
+        self.on_device = on_device
         # batch keys the model wants on the host (e.g. grids it plans index tensors from): not sent to the device
         self._host_inputs = frozenset(getattr(model, "host_input_names", ()))
 
@@ -411,6 +417,8 @@ class Trainer:
         # non_blocking: from pinned memory (the data loader pins on GPUs) the copy does not stall the host
         inputs = send_to_device(inputs, self.accelerator.device, non_blocking=True)
         inputs.update(host)
+        if self.on_device is not None:
+            inputs = self.on_device(inputs)
         if self._input_dtype is not None:
             # DeepSpeed bf16/fp16 holds the model itself in low precision (no autocast): float inputs must match.
             inputs = {
