@@ -55,6 +55,9 @@ from arlow.data.sources import builtin_media  # noqa: E402
 from arlow.pretrain.data import IMAGE, VIDEO, PretrainData  # noqa: E402
 from arlow.pretrain.stream import StreamingPretrainData, _StreamWorker  # noqa: E402
 
+# where the patch rows are normalised (set by --normalise-in): "device" = uint8 rows out of the worker, as
+# `arlow pretrain` runs (the training device normalises them); "worker" = float32 rows normalised in the worker
+PLACEMENT = {"normalise": False}
 RAW_PHOTOS, RAW_CLIPS = "ImageNet-size photos (500 px)", "UCF101-like 320x240, 180 frames"
 
 
@@ -114,10 +117,11 @@ def _samples(data: PretrainData, kind: int, count: int):
 def worker_table(photo_sets, videos, args) -> tuple[str, dict]:
     candidates, counts = {}, {}
     for name, paths in photo_sets.items():
-        data = PretrainData(paths, resolution=224, check_sources=False)
+        data = PretrainData(paths, resolution=224, check_sources=False, **PLACEMENT)
         candidates[name], counts[name] = _samples(data, IMAGE, args.images), args.images
     for name, path in videos.items():
-        data = PretrainData(None, [path], resolution=224, clip_frames=16, frame_stride=4, check_sources=False)
+        data = PretrainData(None, [path], resolution=224, clip_frames=16, frame_stride=4, check_sources=False,
+                            **PLACEMENT)
         candidates[name], counts[name] = _samples(data, VIDEO, args.clips), args.clips
     times = interleaved_times(candidates, repeats=args.repeats)
     rows, rates = [], {}
@@ -154,7 +158,8 @@ def pipeline_table(photo_sets, videos, args) -> str:
     rows = []
     for workers in args.workers:
         data = PretrainData(photos, video_list, resolution=224, video_prob=0.25, clip_frames=16, frame_stride=4,
-                            tokens_per_batch=4096, num_workers=workers, seed=0, check_sources=False)
+                            tokens_per_batch=4096, num_workers=workers, seed=0, check_sources=False,
+                            **PLACEMENT)
         iterator = iter(data)
         next(iterator)  # start-up (worker processes) is not throughput
         start = time.perf_counter()
@@ -218,7 +223,7 @@ def prepared_table(photo_sets, videos, sets, args) -> tuple[str, dict, dict]:
     """Raw files and prepared shards, interleaved in one run: samples/s per worker from wall-clock time (median and
     spread over the repeats) and from this process's CPU time (what the worker costs when it has a core to itself;
     far less disturbed by other processes on a shared machine)."""
-    common = dict(resolution=224, clip_frames=16, frame_stride=4, check_sources=False)
+    common = dict(resolution=224, clip_frames=16, frame_stride=4, check_sources=False, **PLACEMENT)
     candidates, counts = {}, {}
     raw_photos = PretrainData(photo_sets[RAW_PHOTOS], **common)
     candidates[("raw", RAW_PHOTOS)], counts[("raw", RAW_PHOTOS)] = _samples(raw_photos, IMAGE, args.images), args.images
@@ -257,7 +262,7 @@ def mix_rate(image_rate: float, clip_rate: float, video_prob: float = 0.25) -> f
 def stream_table(photo_sets, videos, sets, args) -> tuple[str, dict]:
     """End to end in one process (one worker's job): micro-batches 2..N, raw files vs prepared shards, alternated."""
     common = dict(resolution=224, video_prob=0.25, clip_frames=16, frame_stride=4, tokens_per_batch=4096, seed=0,
-                  check_sources=False)
+                  check_sources=False, **PLACEMENT)
     makers = {"raw files": lambda: PretrainData(photo_sets[RAW_PHOTOS], [videos[RAW_CLIPS]], **common),
               "prepared shards (defaults)": lambda: StreamingPretrainData(
                   sets["photos"], sets[(RAW_CLIPS, BEST)], **common)}
@@ -354,7 +359,7 @@ def memory_table(photo_sets, videos, sets, args) -> str:
     import multiprocessing
 
     common = dict(resolution=224, video_prob=0.25, clip_frames=16, frame_stride=4, tokens_per_batch=4096, seed=0,
-                  check_sources=False)
+                  check_sources=False, **PLACEMENT)
     jobs = {"raw files": lambda: PretrainData(photo_sets[RAW_PHOTOS], [videos[RAW_CLIPS]], **common),
             "prepared shards, shuffle buffer 1000 images / 16 videos": lambda: StreamingPretrainData(
                 sets["photos"], sets[(RAW_CLIPS, BEST)], **common)}
@@ -379,7 +384,12 @@ def main() -> None:
     parser.add_argument("--prepared-only", action="store_true",
                         help="only the prepared-shard sections (raw files vs prepared shards, mix, workers per GPU, "
                              "start-up, memory): skips the raw-file tables and the 2-worker pipeline")
+    parser.add_argument("--normalise-in", choices=("device", "worker"), default="device",
+                        help="where patch rows are normalised, for raw files and prepared shards alike: 'device' "
+                             "(default, what arlow pretrain does: workers hand over uint8 rows) or 'worker' (float32 "
+                             "rows normalised in the worker, the placement before 2026-12-05)")
     args = parser.parse_args()
+    PLACEMENT["normalise"] = args.normalise_in == "worker"
     torch.set_num_threads(1)  # what a DataLoader worker gets
     args.images, args.clips, args.batches, args.workers = 30, 3, 30, (0, 1, 2)
     if args.quick:
@@ -387,6 +397,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         photo_sets, videos = make_media(Path(tmp))
         print(f"# Data pipeline throughput ({machine_line()})\n")
+        print(f"Patch rows normalised in the {args.normalise_in} (raw files and prepared shards alike).\n")
         if not args.prepared_only:
             raw_sections(photo_sets, videos, args)
         prepared_sections(Path(tmp), photo_sets, videos, args)
