@@ -234,6 +234,30 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path):
     assert max((w_one[n] - w_big[n]).abs().max().item() for n in w_big) > 1e-4  # the comparison can fail
 
 
+def test_on_device_hook_is_the_first_op_of_each_micro_batch(tmp_path):
+    """Training on uint8-coded inputs that ``on_device`` decodes equals training on the decoded floats (and without
+    the hook the uint8 batch could not train): the hook runs on every micro-batch, on the training device."""
+    spec = ToySpec(batch=4)
+    coded = [{"x": (b["x"] * 40 + 128).round().clamp(0, 255).to(torch.uint8), "y": b["y"]}
+             for b in (toy_batch(i, spec) for i in range(6))]
+    decoded = [{"x": (b["x"].float() - 128) / 40, "y": b["y"]} for b in coded]
+    seen = []
+
+    def decode(inputs):
+        seen.append((inputs["x"].dtype, inputs["x"].device.type))
+        return {**inputs, "x": (inputs["x"].float() - 128) / 40}
+
+    common = dict(max_steps=3, gradient_accumulation_steps=2)
+    t_hook, _ = train_toy(make_config(tmp_path / "a", **common), spec, ListData(coded), on_device=decode)
+    t_float, _ = train_toy(make_config(tmp_path / "b", **common), spec, ListData(decoded))
+    assert seen == [(torch.uint8, t_hook.accelerator.device.type)] * 6
+    w_hook, w_float = weights(t_hook), weights(t_float)
+    for name in w_float:
+        assert torch.equal(w_hook[name], w_float[name]), name
+    with pytest.raises(RuntimeError):
+        train_toy(make_config(tmp_path / "c", **common), spec, ListData(coded))
+
+
 def manual_step(model, batch, lr, wd, eps, clip):
     """One AdamW step written without the engine: autograd, torch clipping, decay on 2-D params only."""
     model = copy.deepcopy(model)

@@ -20,7 +20,8 @@ from arlow.data.shards import ShardSet, ShardStream, deal, shuffle_order
 from arlow.data.sources import ImageList, builtin_media
 from arlow.data.augment import image_normalisation
 from arlow.pretrain.data import IMAGE, VIDEO, PretrainData
-from arlow.pretrain.stream import StreamingPretrainData, _StreamWorker
+from arlow.pretrain.stream import StreamingPretrainData, _StreamWorker, patch_view
+from arlow.processing.patches import patchify
 from media import level_frames, write_video
 
 SMALL = dict(resolution=56, clip_frames=4, frame_stride=2, tokens_per_batch=256, seed=3)
@@ -340,8 +341,9 @@ def test_rows_normalised_on_the_device_equal_the_worker_path(prepared, streamed)
 
 
 def test_micro_batch_normalisation_and_seeking_from_the_keyframe_interval(prepared):
-    """The worker casts and normalises a micro-batch's uint8 patches once, in place (an image's rows are a view
-    repeating one frame): equal to normalising each sample in float and concatenating. A prepared clip sought
+    """The worker gathers a micro-batch's patch views (strided views of the uint8 frames; an image's a stride-0
+    repeat of one frame) once into its final tensor, uint8 or cast and normalised in place: equal to patchify per
+    sample, concatenating and normalising in float64. A prepared clip sought
     from the set's keyframe interval (1 s) gets the same frames as one decoded from the start."""
     from arlow.data.clips import read_clip
     from arlow.pretrain.packing import collate_items
@@ -351,17 +353,25 @@ def test_micro_batch_normalisation_and_seeking_from_the_keyframe_interval(prepar
     worker = _StreamWorker(stream, 0)
     assert worker.seek_after == 1.0  # from the manifest's settings
     rng = np.random.default_rng(0)
-    clip = torch.from_numpy(rng.integers(0, 256, (16, 3, 2 * 14 * 14), dtype=np.uint8))
-    image = torch.from_numpy(rng.integers(0, 256, (4, 3, 1, 14 * 14), dtype=np.uint8)).expand(-1, -1, 2, -1)
-    patches = [clip, image]  # an image's rows: a stride-0 view (N, C, Tp, P*P), as the worker makes them
+    clip = rng.integers(0, 256, (3, 56, 28, 3), dtype=np.uint8)  # 3 frames: padded to 4 with the last one
+    image = rng.integers(0, 256, (1, 28, 56, 3), dtype=np.uint8)  # one frame standing for Tp = 2
+    views = [patch_view(f, 14, 2, 2) for f in (clip, image)]
+    patches = []  # independently: patchify on (T, C, H, W) frames, Tp-padded / repeated as PretrainData does
+    for frames in (torch.from_numpy(np.concatenate([clip, clip[-1:]])), torch.from_numpy(image).expand(2, -1, -1, -1)):
+        rows, grid = patchify(frames.permute(0, 3, 1, 2), 14, 2, 2)
+        patches.append(rows)
+    assert [v[1].tolist() for v in views] == [[2, 4, 2], [1, 2, 4]]
     mean, std = torch.tensor(stream.mean).view(1, 3, 1), torch.tensor(stream.std).view(1, 3, 1)
     expected = torch.cat([((p.double().reshape(p.shape[0], 3, -1) / 255 - mean) / std).reshape(p.shape[0], -1)
                           for p in patches]).float()
-    got = worker.assemble(patches)
-    assert got.shape == (20, 3 * 2 * 196) and torch.allclose(got, expected, atol=1e-5)
-    batch = collate_items(got, [torch.tensor([2, 4, 2]), torch.tensor([1, 2, 2])])
-    assert batch["num_samples"] == 2 and batch["num_tokens"] == 20 and batch["pixel_values"] is got
-    with pytest.raises(ValueError, match="20 patch rows for grids holding 16"):
+    got = worker.assemble([v[0] for v in views])
+    assert got.shape == (24, 3 * 2 * 196) and torch.allclose(got, expected, atol=1e-5)
+    stream.normalise = False
+    raw = _StreamWorker(stream, 0).assemble([v[0] for v in views])
+    assert raw.dtype == torch.uint8 and torch.equal(raw, torch.cat(patches))
+    batch = collate_items(got, [v[1] for v in views])
+    assert batch["num_samples"] == 2 and batch["num_tokens"] == 24 and batch["pixel_values"] is got
+    with pytest.raises(ValueError, match="24 patch rows for grids holding 16"):
         collate_items(got, [torch.tensor([1, 4, 4])])
 
     [(entry, data)] = _all_samples(ShardSet.open(prepared / "videos"))[:1]

@@ -36,7 +36,7 @@ from av.video.reformatter import VideoReformatter
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.shards import ShardSet, ShardStream, deal, is_prepared, shuffle_order
-from ..processing.patches import pad_frames, patchify
+from ..processing.patches import pad_frames
 from ..data.augment import center_crop_box, crop_frames, random_resized_crop_box
 from ..data.clips import UnreadableMediaError, read_clip
 from ..data.sources import _decode_image
@@ -316,32 +316,28 @@ class _StreamWorker(_SampleMaker, IterableDataset):
         return np.stack(frames)
 
     def patches(self, kind: int, entry: dict, data: bytes, rng: np.random.Generator | None):
-        """One sample -> ``(uint8 rows (N, C, Tp*P*P), grid_thw (3,))``, not yet normalised (see :meth:`rows`).
+        """One sample -> ``(patches, grid_thw (3,))``: its uint8 frames seen as patch rows, not yet copied.
 
-        An image is one frame standing for ``Tp`` identical ones: it is patchified once and returned as a stride-0
-        view ``(N, C, Tp, P*P)`` repeating it ``Tp`` times (the row layout is ``(C, Tp, P, P)``); the repeat is
-        written only by :meth:`assemble`."""
-        pixels = torch.from_numpy(self.frames(kind, entry, data, rng)).permute(0, 3, 1, 2)
-        tp = self.temporal_patch_size
-        if pixels.shape[0] == 1:
-            rows, grid = patchify(pixels, self.patch_size, 1, self.merge_size)
-            return rows.view(rows.shape[0], 3, 1, -1).expand(-1, -1, tp, -1), grid
-        rows, grid = patchify(pad_frames(pixels, tp), self.patch_size, tp, self.merge_size)
-        return rows.view(rows.shape[0], 3, -1), grid
+        ``patches`` is a strided view of the frames shaped ``(t, h/s, w/s, s, s, C, Tp, P, P)`` (the first five
+        dims are :func:`~arlow.processing.patches.patchify`'s row order, the last four a row), written once into
+        the micro-batch by :meth:`assemble`: one gather instead of patchify's copy plus a concatenation. An image
+        is one frame standing for ``Tp`` identical ones: a stride-0 repeat along ``Tp``."""
+        return patch_view(self.frames(kind, entry, data, rng), self.patch_size, self.temporal_patch_size,
+                          self.merge_size)
 
-    def assemble(self, patches: list[torch.Tensor]) -> torch.Tensor:
-        """uint8 rows of samples ``[(N_i, C, ...)]`` (``C * ...`` = the row length) -> one ``(sum N_i, row
-        length)`` tensor: uint8 as they are when the pipeline has ``normalise=False`` (the training device
-        normalises them), else float32, each sample cast while copied into its place, then rescaled and normalised
-        per channel in place (:func:`~arlow.pretrain.pixels.normalise_rows`): one allocation and two passes over
-        a micro-batch's floats."""
-        dtype = torch.float32 if self.normalise else torch.uint8
-        out = torch.empty(sum(p.shape[0] for p in patches), 3, patches[0][0, 0].numel(), dtype=dtype)
-        start = 0
-        for p in patches:
-            out[start: start + p.shape[0]].view(p.shape).copy_(p)
-            start += p.shape[0]
-        out = out.view(out.shape[0], -1)
+    def assemble(self, patches: list[np.ndarray]) -> torch.Tensor:
+        """Samples' patch views (:meth:`patches`) -> one ``(sum N_i, C*Tp*P*P)`` tensor: uint8 as they are when
+        the pipeline has ``normalise=False`` (the training device normalises them), else float32, cast while
+        gathered and then rescaled and normalised per channel in place
+        (:func:`~arlow.pretrain.pixels.normalise_rows`). NumPy's strided copy gathers the 14-byte runs of a patch
+        row faster than torch's here (1.05 against 1.4 ms for a 16-frame clip at 224 px)."""
+        counts = [int(np.prod(p.shape[:5])) for p in patches]
+        out = torch.empty(sum(counts), int(np.prod(patches[0].shape[5:])),
+                          dtype=torch.float32 if self.normalise else torch.uint8)
+        target, start = out.numpy(), 0
+        for p, n in zip(patches, counts):
+            np.copyto(target[start: start + n].reshape(p.shape), p)
+            start += n
         return normalise_rows(out, self.mean, self.std, out=out) if self.normalise else out
 
     def rows(self, kind: int, entry: dict, data: bytes, rng: np.random.Generator | None):
@@ -349,6 +345,25 @@ class _StreamWorker(_SampleMaker, IterableDataset):
         unless the pipeline has ``normalise=False`` (:meth:`assemble`)."""
         rows, grid = self.patches(kind, entry, data, rng)
         return self.assemble([rows]), grid
+
+
+def patch_view(frames: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int):
+    """uint8 frames ``(T, H, W, C)`` -> ``(view (t, h/s, w/s, s, s, C, Tp, P, P), grid_thw (3,))``: the rows of
+    :func:`~arlow.processing.patches.patchify` as a strided view (no copy). One frame (``T = 1``, an image)
+    stands for ``Tp`` identical ones (a stride-0 repeat); a clip is padded to a multiple of ``Tp`` by repeating its
+    last frame."""
+    P, tp, s = patch_size, temporal_patch_size, merge_size
+    if frames.shape[0] > 1 and frames.shape[0] % tp:
+        frames = pad_frames(torch.from_numpy(frames), tp).numpy()
+    steps = 1 if frames.shape[0] == 1 else tp
+    T, H, W, C = frames.shape
+    if H % (P * s) or W % (P * s):
+        raise ValueError(f"frame size {H}x{W} must be a multiple of patch_size*merge_size = {P * s} on both sides")
+    t, h, w = T // steps, H // P, W // P
+    view = frames.reshape(t, steps, h // s, s, P, w // s, s, P, C).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    if steps == 1:
+        view = np.broadcast_to(view, (*view.shape[:6], tp, P, P))
+    return view, torch.tensor([t, h, w], dtype=torch.long)
 
 
 class _FrameCropper:
