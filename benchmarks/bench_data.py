@@ -19,6 +19,10 @@ same interleaved run as the raw files, so the ratios hold on a loaded machine. T
 (computed from the per-sample rates, and measured end to end over the shards), workers per GPU for ViT-L/14 and
 the card encoder, start-up time for a synthesised 1-million-sample prepared set, and memory per worker.
 
+Patch rows leave the worker as uint8 and are normalised on the training device, as ``arlow pretrain`` runs
+(``--normalise-in worker``: float32 rows normalised in the worker, as before 2026-12-05); raw files and prepared
+shards always use the same placement.
+
 Rates are given from wall-clock time (median and spread over the interleaved repeats) and from the process's CPU
 time, which other processes on a shared machine disturb far less (a worker with a core to itself runs at about its
 CPU-time rate).
