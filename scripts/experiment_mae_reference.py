@@ -217,6 +217,8 @@ def report(args) -> None:
         if path.name.startswith("pixels"):
             continue
         data = json.loads(path.read_text())
+        if "evals" not in data:  # finetune-recipes.json
+            continue
         key = re.sub(r"-seed\d+", "", path.stem)
         groups.setdefault(key, []).append(data)
     protocols = ("knn", "linear", "finetune", "rank")
@@ -241,6 +243,23 @@ def report(args) -> None:
     if pixels.is_file():
         for name, res in json.loads(pixels.read_text()).items():
             print(f"| {name} raw pixels | - | - | {100 * res['knn']:.1f} | {100 * res['linear']:.1f} | - | - |")
+    print()
+    print("Pretrained (last step) against the same seeds' random initialisation (step 0); "
+          "delta = paired difference, mean ± std over seeds (points; rank: absolute)")
+    print("| job | seeds | protocol | random init | pretrained | delta |")
+    print("|---|---|---|---|---|---|")
+    for key, runs in groups.items():
+        done = [r for r in runs if str(r["job"]["steps"]) in r["evals"] and "0" in r["evals"]]
+        if not done:
+            continue
+        for p in protocols:
+            pairs = [(r["evals"]["0"].get(p), r["evals"][str(r["job"]["steps"])].get(p)) for r in done]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if not pairs:
+                continue
+            rank = p == "rank"
+            print(f"| {key} | {len(pairs)} | {p} | {cell([a for a, _ in pairs], rank)} | "
+                  f"{cell([b for _, b in pairs], rank)} | {cell([b - a for a, b in pairs], rank)} |")
 
 
 def main() -> None:
