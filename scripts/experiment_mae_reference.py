@@ -301,9 +301,11 @@ def main() -> None:
         finetune_select(args)
         return
     pixels = Path(args.output) / args.mode / "pixels.json"
-    if not pixels.is_file():
+    baselines = json.loads(pixels.read_text()) if pixels.is_file() else {}
+    if any(n not in baselines for n in args.sets):
+        baselines.update({n: pixels_baseline(n, args.mode, args.resolution) for n in args.sets if n not in baselines})
         pixels.parent.mkdir(parents=True, exist_ok=True)
-        pixels.write_text(json.dumps({n: pixels_baseline(n, args.mode, args.resolution) for n in args.sets}) + "\n")
+        pixels.write_text(json.dumps(baselines) + "\n")
     jobs = jobs_from(args)
     if args.jobs == 1:
         for job in jobs:
