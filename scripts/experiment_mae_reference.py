@@ -24,6 +24,11 @@ finished. ``report`` prints the mean ± std tables from those files.
     python scripts/experiment_mae_reference.py run --mode select --sets digits --seeds 0 --lrs 5e-4 1.5e-3
     python scripts/experiment_mae_reference.py run --mode test --sets digits mnist lfw --seeds 0 1 2 --device cuda
     python scripts/experiment_mae_reference.py report --mode test
+    python scripts/experiment_mae_reference.py finetune-select --sets digits --ft-grid 15x1e-3 30x1e-3
+
+``finetune-select`` fine-tunes the random initialisations with each EPOCHSxLR recipe on the validation split
+(``OUT/select/finetune-recipes.json``). ``--resolution/--patch-size/--depth/--width/--heads`` set the shared
+shape (the issue-13 grid: 16 px, patch 4, 6 x 96).
 """
 
 from __future__ import annotations
