@@ -24,6 +24,11 @@ finished. ``report`` prints the mean ± std tables from those files.
     python scripts/experiment_mae_reference.py run --mode select --sets digits --seeds 0 --lrs 5e-4 1.5e-3
     python scripts/experiment_mae_reference.py run --mode test --sets digits mnist lfw --seeds 0 1 2 --device cuda
     python scripts/experiment_mae_reference.py report --mode test
+    python scripts/experiment_mae_reference.py finetune-select --sets digits --ft-grid 15x1e-3 30x1e-3
+
+``finetune-select`` fine-tunes the random initialisations with each EPOCHSxLR recipe on the validation split
+(``OUT/select/finetune-recipes.json``). ``--resolution/--patch-size/--depth/--width/--heads`` set the shared
+shape (the issue-13 grid: 16 px, patch 4, 6 x 96).
 """
 
 from __future__ import annotations
@@ -103,6 +108,12 @@ def pixels_baseline(name: str, mode: str, resolution: int) -> dict:
     return {"knn": knn_accuracy(a, train_y, b, test_y, classes), "linear": probe_accuracy(probe, b, test_y)}
 
 
+def shape_of(job: dict) -> mae_lab.Shape:
+    return mae_lab.Shape(resolution=job["resolution"], patch_size=job["patch_size"], mask_ratio=job["mask"],
+                         depth=job.get("depth", 6), width=job.get("width", 128), heads=job.get("heads", 2),
+                         decoder_width=job.get("width", 128))
+
+
 def run_job(job: dict) -> dict:
     """One (set, impl, seed, setting): pretrain and evaluate at step 0 and every checkpoint."""
     from arlow.evaluation.finetune import FinetuneConfig, finetune_accuracy
@@ -114,13 +125,13 @@ def run_job(job: dict) -> dict:
     if final in result["evals"]:
         return result
     train_x, train_y, test_x, test_y = data_for(job["set"], job["mode"], job["resolution"])
-    shape = mae_lab.Shape(resolution=job["resolution"], patch_size=job["patch_size"], mask_ratio=job["mask"])
+    shape = shape_of(job)
     torch.manual_seed(job["seed"])
     fields = job.get("fields", {})
     model = mae_lab.arlow_mae(shape, **fields) if job["impl"] == "arlow" else mae_lab.reference_mae(shape)
     device = job["device"]
     model.to(device)
-    ft = FinetuneConfig(epochs=job["ft_epochs"], learning_rate=job["ft_lr"], seed=0)
+    ft = FinetuneConfig(epochs=job["ft_epochs"], learning_rate=job["ft_lr"], seed=0, batch_size=job.get("ft_batch", 64))
     ft_steps = set(job["finetune_at"])
 
     def at(step: int) -> None:
@@ -157,18 +168,50 @@ def run_job(job: dict) -> dict:
 def jobs_from(args) -> list[dict]:
     jobs = []
     for name, impl, seed, lr, mask in itertools.product(args.sets, args.impls, args.seeds, args.lrs, args.masks):
-        tag = f"{name}-{impl}-lr{lr:g}-mask{mask:g}-{args.steps}steps-seed{seed}"
+        tag = (f"{name}-{impl}-r{args.resolution}p{args.patch_size}d{args.depth}w{args.width}-lr{lr:g}-mask{mask:g}"
+               f"-ft{args.ft_epochs}x{args.ft_lr:g}-{args.steps}steps-seed{seed}")
         if args.variant:
             tag += f"-{args.variant}"
         jobs.append({"set": name, "impl": impl, "seed": seed, "lr": lr, "mask": mask, "mode": args.mode,
                      "steps": args.steps, "batch": args.batch, "warmup": args.warmup, "resolution": args.resolution,
-                     "patch_size": args.patch_size, "feature": args.feature, "device": args.device,
+                     "patch_size": args.patch_size, "depth": args.depth, "width": args.width,
+                     "heads": args.heads, "ft_batch": args.ft_batch, "feature": args.feature, "device": args.device,
                      "checkpoints": args.checkpoints, "finetune_at": args.finetune_at or [0, args.steps],
                      "ft_epochs": args.ft_epochs, "ft_lr": args.ft_lr, "threads": args.threads,
                      "fields": {k: json.loads(v) for k, v in (kv.split("=") for kv in args.fields)}
                      if impl == "arlow" else {},
                      "out": str(Path(args.output) / args.mode / f"{tag}.json")})
     return jobs
+
+
+def finetune_select(args) -> None:
+    """Choose the fine-tuning recipe on the validation split: every (epochs, lr) of ``--ft-grid`` applied to the
+    random initialisation (seed 0) of each implementation; the recipe must let an untrained encoder reach its
+    potential before "pretrained beats random on fine-tuning" means anything."""
+    from arlow.evaluation.finetune import FinetuneConfig, finetune_accuracy
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.output) / "select" / "finetune-recipes.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for name, impl in itertools.product(args.sets, args.impls):
+        train_x, train_y, val_x, val_y = data_for(name, "select", args.resolution)
+        job = {"resolution": args.resolution, "patch_size": args.patch_size, "mask": args.masks[0],
+               "depth": args.depth, "width": args.width, "heads": args.heads}
+        for item in args.ft_grid:
+            epochs, lr = item.split("x")
+            key = f"{name}-{impl}-r{args.resolution}p{args.patch_size}d{args.depth}w{args.width}-ft{epochs}x{lr}"
+            if key in results:
+                continue
+            torch.manual_seed(0)
+            model = mae_lab.arlow_mae(shape_of(job)) if impl == "arlow" else mae_lab.reference_mae(shape_of(job))
+            res = finetune_accuracy(mae_lab.encoder_of(model), train_x, train_y, val_x, val_y, int(train_y.max()) + 1,
+                                    FinetuneConfig(epochs=int(epochs), learning_rate=float(lr), seed=0,
+                                                   batch_size=args.ft_batch),
+                                    features_fn=mae_lab.features_fn(args.feature))
+            results[key] = {"val_top1": res["top1"], "train_top1": res["train_top1"], "seconds": res["seconds"]}
+            print(key, results[key], flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def report(args) -> None:
@@ -179,6 +222,8 @@ def report(args) -> None:
         if path.name.startswith("pixels"):
             continue
         data = json.loads(path.read_text())
+        if "evals" not in data:  # finetune-recipes.json
+            continue
         key = re.sub(r"-seed\d+", "", path.stem)
         groups.setdefault(key, []).append(data)
     protocols = ("knn", "linear", "finetune", "rank")
@@ -203,11 +248,28 @@ def report(args) -> None:
     if pixels.is_file():
         for name, res in json.loads(pixels.read_text()).items():
             print(f"| {name} raw pixels | - | - | {100 * res['knn']:.1f} | {100 * res['linear']:.1f} | - | - |")
+    print()
+    print("Pretrained (last step) against the same seeds' random initialisation (step 0); "
+          "delta = paired difference, mean ± std over seeds (points; rank: absolute)")
+    print("| job | seeds | protocol | random init | pretrained | delta |")
+    print("|---|---|---|---|---|---|")
+    for key, runs in groups.items():
+        done = [r for r in runs if str(r["job"]["steps"]) in r["evals"] and "0" in r["evals"]]
+        if not done:
+            continue
+        for p in protocols:
+            pairs = [(r["evals"]["0"].get(p), r["evals"][str(r["job"]["steps"])].get(p)) for r in done]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if not pairs:
+                continue
+            rank = p == "rank"
+            print(f"| {key} | {len(pairs)} | {p} | {cell([a for a, _ in pairs], rank)} | "
+                  f"{cell([b for _, b in pairs], rank)} | {cell([b - a for a, b in pairs], rank)} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["run", "report"])
+    parser.add_argument("stage", choices=["run", "report", "finetune-select"])
     parser.add_argument("--mode", choices=["select", "test"], default="select")
     parser.add_argument("--sets", nargs="+", default=list(mae_lab.SETS), choices=mae_lab.SETS)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
@@ -224,8 +286,14 @@ def main() -> None:
     parser.add_argument("--feature", default="merged", help="Arlow's pooled feature (arlow.evaluation.FEATURES)")
     parser.add_argument("--fields", nargs="*", default=[], help="ArlowMAEConfig overrides, field=value")
     parser.add_argument("--variant", default="", help="tag appended to the job names (with --fields)")
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--width", type=int, default=128, help="encoder and decoder width (Arlow: embed_dim)")
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--ft-batch", type=int, default=64)
     parser.add_argument("--ft-epochs", type=int, default=10)
     parser.add_argument("--ft-lr", type=float, default=5e-4)
+    parser.add_argument("--ft-grid", nargs="*", default=["10x5e-4", "10x1e-3", "20x1e-3"],
+                        help="finetune-select: EPOCHSxLR recipes tried on random init")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
@@ -234,10 +302,15 @@ def main() -> None:
     if args.stage == "report":
         report(args)
         return
+    if args.stage == "finetune-select":
+        finetune_select(args)
+        return
     pixels = Path(args.output) / args.mode / "pixels.json"
-    if not pixels.is_file():
+    baselines = json.loads(pixels.read_text()) if pixels.is_file() else {}
+    if any(n not in baselines for n in args.sets):
+        baselines.update({n: pixels_baseline(n, args.mode, args.resolution) for n in args.sets if n not in baselines})
         pixels.parent.mkdir(parents=True, exist_ok=True)
-        pixels.write_text(json.dumps({n: pixels_baseline(n, args.mode, args.resolution) for n in args.sets}) + "\n")
+        pixels.write_text(json.dumps(baselines) + "\n")
     jobs = jobs_from(args)
     if args.jobs == 1:
         for job in jobs:

@@ -125,7 +125,40 @@ def reference_mae(shape: Shape):
                           decoder_num_attention_heads=shape.decoder_heads,
                           decoder_intermediate_size=4 * shape.decoder_width, mask_ratio=shape.mask_ratio,
                           norm_pix_loss=True, attn_implementation="sdpa")
-    return ViTMAEForPreTraining(config)
+    model = ViTMAEForPreTraining(config)
+    mae_initialisation(model)
+    return model
+
+
+@torch.no_grad()
+def mae_initialisation(model) -> None:
+    """Give a freshly built ``ViTMAEForPreTraining`` MAE's initialisation where transformers leaves it out.
+
+    Why: with transformers 5.25, ``ViTMAEForPreTraining(config)`` ends with the encoder's and the decoder's (frozen)
+    position embeddings, the [CLS] token and the mask token all zero and the patch projection at normal(0.02)
+    instead of Xavier: the encoder sees a bag of patches and the decoder cannot tell masked positions apart, so the
+    loss stays at "predict the mean" (measured: 0.78 -> 0.77 in 200 steps). This re-applies what
+    ``ViTMAEEmbeddings.initialize_weights`` / ``ViTMAEDecoder.initialize_weights`` (and MAE's reference code) set:
+    fixed 2-D sin-cos positions (in transformers' h/w-swapped layout), Xavier-uniform patch projection,
+    normal(0.02) [CLS] and mask tokens.
+    """
+    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+
+    def sincos(table: torch.Tensor) -> torch.Tensor:
+        grid = round((table.shape[1] - 1) ** 0.5)
+        pos = build_2d_sinusoidal_position_embedding(height=grid, width=grid, embed_dim=table.shape[-1],
+                                                     cls_token=True)
+        half = pos.shape[-1] // 2
+        return torch.cat([pos[..., half:], pos[..., :half]], dim=-1).reshape(table.shape).to(table.dtype)
+
+    embeddings, decoder = model.vit.embeddings, model.decoder
+    std = model.config.initializer_range
+    embeddings.position_embeddings.copy_(sincos(embeddings.position_embeddings))
+    decoder.decoder_pos_embed.copy_(sincos(decoder.decoder_pos_embed))
+    weight = embeddings.patch_embeddings.projection.weight
+    torch.nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    torch.nn.init.normal_(embeddings.cls_token, std=std)
+    torch.nn.init.normal_(decoder.mask_token, std=std)
 
 
 def mae_loss(model, pixels: torch.Tensor) -> torch.Tensor:

@@ -159,7 +159,7 @@ def test_exported_encoder_and_checkpoint_load_with_identical_features(tiny_confi
     hidden = tiny_config("encoder").hidden_size
     assert ref.features.shape == (16, 2 * hidden)  # merged mean + one DeepStack level
     # the first half of the deepstack feature is the plain feature
-    plain = extract_features(model, data, RES, progress=False)
+    plain = extract_features(model, data, RES, feature="merged", progress=False)
     torch.testing.assert_close(ref.features[:, :hidden], plain.features, rtol=1e-5, atol=1e-6)
 
 
@@ -190,7 +190,8 @@ def test_cli_class_folders_random_init(tiny_config, folder, config_json, tmp_pat
     assert code == 0
     assert result["num_train"] == 12 and result["num_test"] == 4 and result["num_classes"] == 2
     assert result["classes"] == ["horizontal", "vertical"]
-    assert result["feature_dim"] == tiny_config("encoder").hidden_size
+    # the default feature of an encoder with DeepStack levels: the merged mean and each level's mean
+    assert result["feature"] == "deepstack" and result["feature_dim"] == 2 * tiny_config("encoder").hidden_size
     assert 0.0 <= result["knn"]["top1"] <= 1.0 and 0.0 <= result["linear"]["top1"] <= 1.0
     assert result["linear"]["train_top1"] == 1.0  # 12 points in 32 dimensions are linearly separable
     assert stdout.startswith("probe: k-NN (k=20) top-1") and "12 train / 4 test" in stdout
@@ -332,6 +333,21 @@ def test_pooled_features_of_pixels_match_extract_features_and_blocks_reads_the_l
                                    last.view(2, -1, last.shape[-1]).mean(dim=1), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="feature must be one of"):
         extract_features(model, data, RES, feature="cls", progress=False)
+
+
+def test_default_feature_is_deepstack_where_the_encoder_has_levels_else_merged(tiny_config, exported, folder):
+    from arlow.evaluation.features import default_feature, image_pixels, pooled_features
+
+    pixels = image_pixels(labelled_images(folder), RES)[:3]
+    torch.manual_seed(0)
+    flat = ArlowVLVisionModel(tiny_config("encoder", deepstack_visual_indexes=[])).eval()
+    hidden = tiny_config("encoder").hidden_size
+    with torch.no_grad():
+        for model, expected in ((exported[0], "deepstack"), (flat, "merged")):
+            assert default_feature(model.config) == expected
+            torch.testing.assert_close(pooled_features(model, pixels), pooled_features(model, pixels, expected))
+    assert pooled_features(exported[0], pixels).shape == (3, 2 * hidden)
+    assert pooled_features(flat, pixels).shape == (3, hidden)
 
 
 def test_finetune_learns_bars_leaves_the_encoder_alone_and_is_seeded(exported, folder):

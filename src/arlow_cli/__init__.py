@@ -93,9 +93,11 @@ def _probe(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--resolution", type=int, default=224, help="square side in pixels, a multiple of 28")
     data.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--feature", choices=("merged", "deepstack", "blocks"), default="merged",
-                            help="pooled feature: merged (mean merged output token, the default), deepstack (that "
-                                 "and each DeepStack level's mean), blocks (mean of the last block, before the merger)")
+    evaluation.add_argument("--feature", choices=("merged", "deepstack", "blocks"), default=None,
+                            help="pooled feature: deepstack (mean merged output token and each DeepStack level's "
+                                 "mean; the default where the encoder has DeepStack levels), merged (the mean merged "
+                                 "output token alone; the default otherwise), blocks (mean of the last block, before "
+                                 "the merger)")
     evaluation.add_argument("--deepstack", action="store_true", help="the same as --feature deepstack")
     evaluation.add_argument("--k", type=int, default=20, help="k-NN neighbours")
     evaluation.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature")

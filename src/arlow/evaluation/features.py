@@ -4,7 +4,10 @@ sees (:func:`extract_features`).
 An image is shown to the encoder exactly as the pretraining pipeline shows an un-augmented image: the largest
 centred square, resized (bicubic) to ``resolution x resolution``, rescaled to [0, 1], normalised with the image
 processor's mean/std (0.5 / 0.5), repeated to the temporal patch size and patchified in merge-window order. Its
-feature is one of :data:`FEATURES` (:func:`pooled_features`); the default is the mean of its merged output tokens.
+feature is one of :data:`FEATURES` (:func:`pooled_features`); the default (:func:`default_feature`) is
+``"deepstack"`` (the mean merged output token followed by each DeepStack level's mean) for an encoder with DeepStack
+levels, else ``"merged"``: in the issue-13 measurements the DeepStack levels held the best frozen feature of an
+MAE-pretrained encoder (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -27,10 +30,15 @@ from ..processing.patches import pad_frames, patchify
 from .datasets import LabelledImages
 
 __all__ = ["load_encoder", "random_encoder", "image_rows", "batch_rows", "pixel_rows", "pooled_features", "image_pixels",
-           "extract_features", "Features", "FEATURES", "DEFAULT_FEATURE"]
+           "extract_features", "Features", "FEATURES", "DEFAULT_FEATURE", "default_feature"]
 
 FEATURES = ("merged", "deepstack", "blocks")
-DEFAULT_FEATURE = "merged"
+DEFAULT_FEATURE = "deepstack"  # where the encoder has DeepStack levels; see default_feature
+
+
+def default_feature(config: ArlowVisionConfig) -> str:
+    """The default pooled feature of an encoder: ``"deepstack"`` where it has DeepStack levels, else ``"merged"``."""
+    return DEFAULT_FEATURE if config.deepstack_visual_indexes else "merged"
 
 logger = logging.getLogger("arlow.evaluation")
 
@@ -127,16 +135,18 @@ def pixel_rows(pixels: torch.Tensor, config: ArlowVisionConfig) -> tuple[torch.T
     return rows, grid_thw
 
 
-def pooled_features(encoder: ArlowVLVisionModel, pixels: torch.Tensor, feature: str = DEFAULT_FEATURE) -> torch.Tensor:
-    """Normalised images ``(n, 3, R, R)`` -> one feature per image ``(n, D)`` (differentiable; see :data:`FEATURES`).
+def pooled_features(encoder: ArlowVLVisionModel, pixels: torch.Tensor, feature: str | None = None) -> torch.Tensor:
+    """Normalised images ``(n, 3, R, R)`` -> one feature per image ``(n, D)`` (differentiable; see :data:`FEATURES`;
+    ``None``: :func:`default_feature`).
 
     ``"merged"``: mean of the merged output tokens ``(hidden_size,)``; ``"deepstack"``: that, then the mean of
     each DeepStack level ``(hidden_size * (1 + levels),)``; ``"blocks"``: the mean over patches of the last
     block's output, before the merger ``(embed_dim,)``.
     """
+    config = encoder.config
+    feature = default_feature(config) if feature is None else feature
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
-    config = encoder.config
     if feature == "deepstack" and not config.deepstack_visual_indexes:
         raise ValueError("feature 'deepstack' but this encoder has no DeepStack levels (deepstack_visual_indexes "
                          "is empty); use 'merged' or 'blocks'")
@@ -184,13 +194,15 @@ def check_resolution(resolution: int, config: ArlowVisionConfig) -> None:
 
 @torch.no_grad()
 def extract_features(encoder: ArlowVLVisionModel, images: LabelledImages, resolution: int, batch_size: int = 64,
-                     feature: str = DEFAULT_FEATURE, progress: bool = True, desc: str = "features") -> Features:
-    """The ``feature`` (:func:`pooled_features`) of every readable image, ``batch_size`` images per encoder call.
+                     feature: str | None = None, progress: bool = True, desc: str = "features") -> Features:
+    """The ``feature`` (:func:`pooled_features`; ``None``: :func:`default_feature`) of every readable image,
+    ``batch_size`` images per encoder call.
     Unreadable images are skipped, counted and logged; ``ValueError`` if none is readable."""
     config = encoder.config
     check_resolution(resolution, config)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    feature = default_feature(config) if feature is None else feature
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
     chunks, kept, skipped, pending = [], [], [], []

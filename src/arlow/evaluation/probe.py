@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from .datasets import class_index, labelled_images, stratified_split
-from .features import (DEFAULT_FEATURE, extract_features, image_pixels, load_encoder, pooled_features,
-                       random_encoder)
+from .features import default_feature, extract_features, image_pixels, load_encoder, pooled_features, random_encoder
 from .finetune import FinetuneConfig, finetune_accuracy
 from .knn import knn_accuracy
 from .linear_probe import LinearProbeConfig, probe_accuracy, train_linear_probe
@@ -36,7 +35,7 @@ __all__ = ["probe_encoder", "summary_line", "run"]
 
 def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: int = 0, dataset=None, train=None,
                   test=None, resolution: int = 224, test_fraction: float = 0.2, seed: int = 0,
-                  feature: str = DEFAULT_FEATURE, k: int = 20, temperature: float = 0.07,
+                  feature: str | None = None, k: int = 20, temperature: float = 0.07,
                   linear: LinearProbeConfig | None = None, batch_size: int = 64, image_column: str = "image",
                   label_column: str = "label", split: str = "train", test_split: str = "test",
                   output=None, progress: bool = True, finetune: FinetuneConfig | None = None) -> dict:
@@ -49,7 +48,9 @@ def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: in
         train, test: two labelled datasets instead of ``dataset`` (``split``/``test_split`` pick the splits of a
             saved ``DatasetDict``).
         resolution: square side in pixels, a multiple of ``patch_size * spatial_merge_size`` (28).
-        feature: which pooled feature (:data:`arlow.evaluation.features.FEATURES`; see docs/evaluation.md).
+        feature: which pooled feature (:data:`arlow.evaluation.features.FEATURES`; see docs/evaluation.md); ``None``
+            (the default): ``"deepstack"`` for an encoder with DeepStack levels, else ``"merged"``
+            (:func:`arlow.evaluation.features.default_feature`).
         k, temperature: the k-NN vote. linear: the linear probe's settings (its ``seed`` defaults to ``seed``).
         batch_size: images per encoder call during feature extraction.
         finetune: also run the fine-tuning protocol (:func:`arlow.evaluation.finetune_accuracy`: a copy of the
@@ -71,6 +72,7 @@ def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: in
         model, described = load_encoder(encoder)
     else:
         model, described = encoder.eval(), type(encoder).__name__
+    feature = default_feature(model.config) if feature is None else feature
 
     if dataset is not None:
         full = labelled_images(dataset, image_column, label_column, split)
