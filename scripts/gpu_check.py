@@ -578,6 +578,19 @@ def worker(ctx: Context, kind: str, out: Path) -> None:
         "precision": cfg.precision}, default=str))
 
 
+def run_or_fail(name: str, cmd: list[str], needed: Path) -> tuple[subprocess.CompletedProcess, float] | None:
+    """Run ``cmd`` from the repository root; return (process, seconds), or report ``name`` FAIL with the tail of
+    its output and return None when it exits non-zero or leaves no ``needed`` file."""
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    took = time.perf_counter() - t
+    if proc.returncode != 0 or not needed.exists():
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])
+        result(name, "FAIL", f"exit {proc.returncode} after {took:.0f} s: {tail[-400:]}")
+        return None
+    return proc, took
+
+
 def step_launch(ctx: Context, kind: str) -> None:
     if kind == "zero2" and importlib.util.find_spec("deepspeed") is None:
         result(kind, "SKIP", "DeepSpeed is not installed (carry a wheel built with pip wheel --no-deps deepspeed)")
@@ -594,14 +607,11 @@ def step_launch(ctx: Context, kind: str) -> None:
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "src/arlow/configs/accelerate/fsdp.yaml"), "--num_processes", "1", *me]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    took = time.perf_counter() - t
     res = out / "result.json"
-    if proc.returncode != 0 or not res.exists():
-        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])
-        result(kind, "FAIL", f"exit {proc.returncode} after {took:.0f} s: {tail[-400:]}")
+    ran = run_or_fail(kind, cmd, res)
+    if ran is None:
         return
+    _, took = ran
     r = json.loads(res.read_text())
     last = r["last"]
     ok = math.isfinite(r["loss"]) and all(last.get(k) is not None for k in ("mfu", "compute_time", "comm_time"))
@@ -638,14 +648,11 @@ def step_pretrain(ctx: Context) -> None:
            "data.videos=builtin", "train.deepspeed_config=null", "train.precision=bf16", "train.save_every=0",
            "train.warmup_steps=2", "train.progress_bar=false", "train.tensorboard=false", "reconstruct.num_items=2",
            f"train.output_dir={out}", *size]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    took = time.perf_counter() - t
     log = out / "log.jsonl"
-    if proc.returncode != 0 or not log.exists():
-        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])
-        result("pretrain", "FAIL", f"exit {proc.returncode} after {took:.0f} s: {tail[-400:]}")
+    ran = run_or_fail("pretrain", cmd, log)
+    if ran is None:
         return
+    proc, took = ran
     plan = [line for line in proc.stdout.splitlines() if line.startswith(("step:", "run:"))]
     for line in plan:
         info(line)

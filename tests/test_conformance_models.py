@@ -67,6 +67,16 @@ def _skip_if_standin(test_case, helper: str) -> None:
         test_case.skipTest(reason)
 
 
+def run_config_checks(tester, *extra: str) -> None:
+    """transformers' ConfigTester checks that apply to Arlow's configs, plus ``extra`` ones."""
+    for check in ("create_and_test_config_to_json_string", "create_and_test_config_to_json_file",
+                  "create_and_test_config_from_and_save_pretrained",
+                  "create_and_test_config_from_and_save_pretrained_subfolder",
+                  "create_and_test_config_from_pretrained_custom_kwargs",
+                  "check_config_can_be_init_without_params", *extra):
+        getattr(tester, check)()
+
+
 class _GenerationChecks:
     """Shared by the testers of classes that generate."""
 
@@ -108,14 +118,9 @@ class ArlowTextConformanceTest(_GenerationChecks, common.ModelTesterMixin, Gener
                                                     num_attention_heads=4, num_key_value_heads=2)
 
     def test_config(self):
-        tester = self.config_tester
-        for check in ("create_and_test_config_common_properties", "create_and_test_config_to_json_string",
-                      "create_and_test_config_to_json_file", "create_and_test_config_from_and_save_pretrained",
-                      "create_and_test_config_from_and_save_pretrained_subfolder",
-                      "create_and_test_config_from_and_save_pretrained_composite",
-                      "create_and_test_config_with_num_labels", "create_and_test_config_from_pretrained_custom_kwargs",
-                      "check_config_can_be_init_without_params"):
-            getattr(tester, check)()
+        run_config_checks(self.config_tester, "create_and_test_config_common_properties",
+                          "create_and_test_config_from_and_save_pretrained_composite",
+                          "create_and_test_config_with_num_labels")
 
     def test_config_arguments_init(self):
         _skip_if_standin(self, "utils.test_configuration_utils")
@@ -182,14 +187,7 @@ class ArlowVLConformanceTest(_GenerationChecks, common.ModelTesterMixin, Generat
         pass
 
     def test_config(self):
-        tester = self.config_tester
-        for check in ("create_and_test_config_to_json_string", "create_and_test_config_to_json_file",
-                      "create_and_test_config_from_and_save_pretrained",
-                      "create_and_test_config_from_and_save_pretrained_subfolder",
-                      "create_and_test_config_from_and_save_pretrained_composite",
-                      "create_and_test_config_from_pretrained_custom_kwargs",
-                      "check_config_can_be_init_without_params"):
-            getattr(tester, check)()
+        run_config_checks(self.config_tester, "create_and_test_config_from_and_save_pretrained_composite")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,10 +235,4 @@ class ArlowVisionConformanceTest(common.ModelTesterMixin, unittest.TestCase):
         self.assertIsNone(model.get_output_embeddings())
 
     def test_config(self):
-        tester = self.config_tester
-        for check in ("create_and_test_config_to_json_string", "create_and_test_config_to_json_file",
-                      "create_and_test_config_from_and_save_pretrained",
-                      "create_and_test_config_from_and_save_pretrained_subfolder",
-                      "create_and_test_config_from_pretrained_custom_kwargs",
-                      "check_config_can_be_init_without_params"):
-            getattr(tester, check)()
+        run_config_checks(self.config_tester)

@@ -8,6 +8,8 @@ A flag no test here proves must be dropped from the class. The table below lists
 flag not listed fails ``test_every_claimed_flag_is_listed``.
 """
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,19 @@ def test_vlm_generate_compiles_fullgraph():
 # _supports_attention_backend: a function registered with AttentionInterface runs the model's attention
 
 
+@contextmanager
+def registered_attention(name, function, mask_like):
+    """``name`` registered as an attention backend running ``function``, with the ``mask_like`` backend's masks;
+    unregistered on exit."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_like])
+    try:
+        yield
+    finally:
+        ALL_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+
+
 @pytest.fixture
 def recording_backend():
     """``"arlow_recording"``: transformers' SDPA function, recording each call's module and keyword arguments."""
@@ -118,11 +133,8 @@ def recording_backend():
         calls.append((type(module).__name__, sorted(kwargs)))
         return sdpa(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register("arlow_recording", recording)
-    AttentionMaskInterface.register("arlow_recording", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    yield calls
-    ALL_ATTENTION_FUNCTIONS._global_mapping.pop("arlow_recording", None)
-    ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop("arlow_recording", None)
+    with registered_attention("arlow_recording", recording, mask_like="sdpa"):
+        yield calls
 
 
 def test_registered_attention_backend_runs_the_text_decoder(recording_backend):
@@ -189,11 +201,8 @@ def flash_reference():
         weights = F.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
         return (weights @ value).transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register("flash_reference", flash)
-    AttentionMaskInterface.register("flash_reference", ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
-    yield calls
-    ALL_ATTENTION_FUNCTIONS._global_mapping.pop("flash_reference", None)
-    ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop("flash_reference", None)
+    with registered_attention("flash_reference", flash, mask_like="flash_attention_2"):
+        yield calls
 
 
 def test_flash_style_backend_runs_the_text_decoder(flash_reference):
