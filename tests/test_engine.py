@@ -28,6 +28,7 @@ from arlow.training import (  # noqa: E402
     build_param_groups,
 )
 from arlow.training.checkpoint import find_latest_checkpoint, list_checkpoints  # noqa: E402
+from arlow.training.distributed import host_process_group  # noqa: E402
 from arlow.training.logs import FIELDS, read_log  # noqa: E402
 from arlow.training.mfu import measure_matmul_peak  # noqa: E402
 
@@ -575,6 +576,25 @@ def test_shipped_deepspeed_configs_resolve_and_fill(tmp_path):
 
 
 # ---------------------------------------------------------------- host syncs
+
+
+def test_the_data_error_flag_goes_over_a_host_group_when_the_default_group_is_on_the_device(tmp_path, monkeypatch):
+    """With several processes every micro-batch reduces a "could not read my data" flag. Under NCCL that reduce,
+    read back, would wait for the queued kernels; so a gloo group carries it. A one-process gloo world stands in
+    for NCCL here (the backend query patched): the helper then makes a new gloo group that reduces CPU tensors."""
+    get_backend = torch.distributed.get_backend
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
+                                         rank=0, world_size=1)
+    try:
+        assert host_process_group() is torch.distributed.group.WORLD  # gloo already: no second group
+        monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+        group = host_process_group()
+        assert group is not torch.distributed.group.WORLD and get_backend(group) == "gloo"
+        flag = torch.tensor([1.0])
+        torch.distributed.all_reduce(flag, group=group)
+        assert flag.item() == 1.0
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_a_step_reads_the_device_once_whatever_the_accumulation(tmp_path, monkeypatch):

@@ -218,6 +218,16 @@ def _forget_single_process_state() -> None:
     GradientState._reset_state()
 
 
+def host_process_group():
+    """A process group whose collectives run on the host: the default group when it is gloo (CPU training), else
+    a gloo group over the same processes. A flag reduced on the GPU's NCCL group and read with ``.item()`` waits for
+    every kernel queued before it (the host stops feeding the device once per read); over gloo the hosts agree
+    without touching the device queue. A collective: every process calls it, in the same order."""
+    if torch.distributed.get_backend() == "gloo":
+        return torch.distributed.group.WORLD
+    return torch.distributed.new_group(backend="gloo")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (a no-op on the CPU, whose ops run synchronously)."""
     if device.type == "cuda":

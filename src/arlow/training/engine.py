@@ -36,7 +36,7 @@ from .checkpoint import (
     write_trainer_state,
 )
 from .config import TrainConfig
-from .distributed import COMPUTE_DTYPE, allreduce_bandwidth, build_accelerator, synchronize
+from .distributed import COMPUTE_DTYPE, allreduce_bandwidth, build_accelerator, host_process_group, synchronize
 from .logs import RunLogger
 from .mfu import measure_matmul_peak, model_flops_utilisation
 from .optim import WarmupCosine, build_optimizer, build_param_groups, build_scheduler
@@ -175,6 +175,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
         self._iterator = None
+        self._host_group = host_process_group() if acc.num_processes > 1 else None
 
     # ------------------------------------------------------------------ the loop
 
@@ -368,16 +369,18 @@ class Trainer:
 
     def _next_batch_everywhere(self) -> Mapping[str, Any]:
         """The next micro-batch; with several processes, a data error on any of them stops all of them (the others
-        would otherwise wait for it in the next collective for ever). Costs one scalar all-reduce per micro-batch."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
+        would otherwise wait for it in the next collective for ever). Costs one scalar all-reduce per micro-batch
+        between the hosts (``_host_group``), which does not wait for the device's queued work."""
+        if self._host_group is None:
             return self._next_batch()
         error = None
         try:
             batch = self._next_batch()
         except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes have heard of it
             error = err
-        failed = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), "sum").item()
+        flag = torch.tensor([float(error is not None)])
+        torch.distributed.all_reduce(flag, group=self._host_group)
+        failed = flag.item()
         if error is not None:
             raise error
         if failed:
