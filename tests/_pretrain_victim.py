@@ -12,6 +12,7 @@ import sys
 def main(argv: list[str]) -> int:
     from arlow.pretrain.run import load_recipe, pretrain
     from arlow.training import Trainer
+    from arlow_cli import release_process_groups
 
     kill_at = None
     if argv[:1] == ["--kill-at"]:
@@ -26,6 +27,7 @@ def main(argv: list[str]) -> int:
 
         Trainer._train_step = dying_step
     pretrain(load_recipe(None, argv))
+    release_process_groups()  # as `arlow pretrain` does after a clean finish
     return 0
 
 

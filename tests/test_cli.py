@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,26 @@ def test_commands_run_with_a_sleeping_openmp_pool_unless_the_user_chose(given, e
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"policy": expected}
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_command_releases_its_process_groups_only_after_a_clean_finish(tmp_path, monkeypatch, fails):
+    """A process leaving with a gloo group alive can abort in interpreter teardown; after an error the group stays
+    (destroying it while another process waits in a collective would hang)."""
+    import torch.distributed as dist
+
+    import arlow_cli
+
+    def run(args):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+        if fails:
+            raise ValueError("bad recipe")
+        return 0
+
+    monkeypatch.setattr(arlow_cli.importlib, "import_module", lambda name: types.SimpleNamespace(run=run))
+    try:
+        assert arlow_cli.main(["pretrain"]) == (2 if fails else 0)
+        assert dist.is_initialized() == fails
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as err:  # an optional dependency of this command is not installed
         parser.error(f"command {args.command!r} is unavailable: {err}")
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except (ValueError, FileNotFoundError, KeyboardInterrupt) as err:  # bad configs and inputs, Ctrl-C: one line
         if args.debug:
             raise
@@ -208,3 +208,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"arlow {args.command}: {err}", file=sys.stderr)  # NaN/inf losses, a data error on another process
         return 1
+    release_process_groups()
+    return code
+
+
+def release_process_groups() -> None:
+    """Destroy the process groups a command set up (under ``torchrun``), once it has finished without error. A
+    process that exits with a gloo group alive can abort in the interpreter's teardown (``terminate called without
+    an active exception``) while gloo's worker threads still hold tensors; after an error the other processes may
+    be inside a collective, where destroying would hang, so only a clean finish releases them."""
+    dist = sys.modules.get("torch.distributed")  # looked up, not imported: a command that never loaded torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
