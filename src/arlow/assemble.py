@@ -17,7 +17,7 @@ A model folder holds everything ``from_pretrained`` needs: ``config.json``, ``mo
 Usage::
 
     arlow create-model runs/tiny-vlm --preset tiny
-    arlow create-model runs/vlm --vision-encoder runs/pretrain-demo/checkpoint-300 --text-model runs/arlow-0.5b
+    arlow create-model runs/vlm --vision-encoder runs/pretrain-demo/checkpoint-400 --text-model runs/arlow-0.5b
 """
 
 from __future__ import annotations

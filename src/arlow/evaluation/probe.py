@@ -2,7 +2,7 @@
 
 ::
 
-    arlow probe runs/pretrain-demo/checkpoint-300 --dataset digits/ --resolution 112
+    arlow probe runs/pretrain-demo/checkpoint-400 --dataset digits/ --resolution 224
     arlow probe --random-init tiny_demo --dataset digits/ --resolution 112        # the same architecture, untrained
     arlow probe ENCODER --train data/train --test data/test --feature deepstack --output probe.json
 

@@ -23,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from ..modeling.vision import ArlowVLVisionModel
@@ -46,7 +47,10 @@ def _processors(vision_config) -> tuple[ArlowImageProcessor, ArlowVideoProcessor
 
 def _model_card(meta: dict, config: ArlowMAEConfig) -> str:
     vc = config.vision_config
-    params = sum(p.numel() for p in ArlowVLVisionModel(vc).parameters()) if vc.depth * vc.embed_dim < 20000 else None
+    # Counted on the meta device: no memory, no initialisation, no draw from the global RNG (so exporting cannot
+    # change the training run that calls it, whatever the model size).
+    with torch.device("meta"):
+        params = sum(p.numel() for p in ArlowVLVisionModel(vc).parameters())
     lines = [
         "---", "library_name: arlow", "tags: [vision, mae, arlow]", "---", "",
         "# Arlow vision encoder (MAE-pretrained)", "",
@@ -63,8 +67,7 @@ def _model_card(meta: dict, config: ArlowMAEConfig) -> str:
         f"| decoder | width {config.decoder_hidden_size}, depth {config.decoder_num_layers}, "
         f"{config.decoder_num_heads} heads |",
     ]
-    if params is not None:
-        lines.append(f"| encoder parameters | {params:,} |")
+    lines.append(f"| encoder parameters | {params:,} |")
     for key in ("step", "resolution", "video_prob", "clip_frames", "images", "videos"):
         if key in meta:
             lines.append(f"| {key} | {meta[key]} |")
