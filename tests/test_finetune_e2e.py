@@ -14,6 +14,7 @@ derangement; held-out sets identical and balanced). The pipeline test is slow (s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from fractions import Fraction
 
 import pytest
 
-from arlow.data.shapes import eval_items, write_shapes_dataset
+from arlow.data.shapes import POSITIONS, eval_items, write_shapes_dataset
 from arlow.demos.shapes import SHORT, mismatched, run_pipeline
 from arlow.evaluation.binomial import binomial_test, chance_range, wilson_interval
 
@@ -79,6 +80,25 @@ def test_shuffled_training_data_pairs_media_with_other_answers_and_keeps_the_hel
     counts = Counter((i["task"], i["answer"]) for i in items)
     assert Counter(i["task"] for i in items) == {"colour": 8, "count": 8, "position": 8, "motion": 8}
     assert set(counts.values()) == {2}
+
+
+def test_validation_set_is_its_own_and_changes_neither_training_nor_test_data(tmp_path):
+    """Settings are chosen on val.jsonl; adding it must leave the training data and the test questions byte-identical,
+    and its media must be none of theirs."""
+    sizes = dict(train_images=12, train_clips=4, eval_images=8, eval_singles=8, eval_clips=8, seed=5)
+    plain = write_shapes_dataset(tmp_path / "plain", **sizes)
+    with_val = write_shapes_dataset(tmp_path / "val", **sizes, val_images=4, val_singles=8, val_clips=4)
+    assert "val" not in plain and not (tmp_path / "plain" / "val.jsonl").exists()
+    for name in ("captions", "chat", "eval"):
+        assert plain[name].read_text() == with_val[name].read_text()
+    val, test = eval_items(with_val["val"]), eval_items(with_val["eval"])
+    assert Counter(i["task"] for i in val) == {"colour": 4, "count": 4, "position": 8, "motion": 4}
+    assert Counter(i["answer"] for i in val if i["task"] == "position") == {p: 2 for p in POSITIONS}
+    digest = lambda path: hashlib.sha256(open(path, "rb").read()).hexdigest()  # noqa: E731
+    val_media = {digest(i["media"]) for i in val}
+    others = {digest(p) for p in (tmp_path / "val").rglob("*") if p.suffix in (".png", ".mp4")
+              and "/val" not in str(p.relative_to(tmp_path / "val").parent)}
+    assert len(val_media) == len({i["media"] for i in val}) and not val_media & others
 
 
 def test_mismatched_media_moves_every_question_to_another_sample_of_its_task():
