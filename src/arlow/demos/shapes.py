@@ -62,7 +62,7 @@ class DemoSettings:
     val_clips: int = 0
     pretrain_steps: int = 150
     align_steps: int = 150
-    sft_steps: int = 1500
+    sft_steps: int = 3000  # at least the short version's 2,000: the losses still fall at the end of both
     text_layers: int = 2
     text_heads: int = 4  # head dim 16 at width 64: more attention patterns to find the shape with (docs)
     rope_theta: float = 1e4
@@ -71,7 +71,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-SHORT = DemoSettings(train_images=320, train_clips=320, pretrain_steps=20, align_steps=30, sft_steps=1000)
+SHORT = DemoSettings(train_images=320, train_clips=320, pretrain_steps=20, align_steps=30, sft_steps=2000)
 
 
 def _recipe(name: str) -> str:
@@ -100,11 +100,14 @@ def configure_processor(model_dir: str | Path) -> None:
 
 
 def write_text_model(folder: str | Path, settings: DemoSettings) -> Path:
-    """A random ``ArlowForCausalLM`` of width 64 with the built-in tokenizer.
+    """A random ``ArlowForCausalLM`` of width 64 (``settings.text_layers`` layers, ``settings.text_heads`` heads) with
+    the built-in tokenizer.
 
-    Not the ``tiny`` preset: its head dim 16 with ``rope_theta`` 1e5 gives the w axis of M-RoPE frequencies of at most
-    0.056 rad per token, so a 4 x 4 grid of vision tokens spans under 0.2 rad left to right and positions are nearly
-    invisible to attention. Head dim 32 with ``rope_theta`` 1e4 gives 0.32 rad per token on w (0.56 on h).
+    Four heads of 16 rather than two of 32: reading where the shape is needs a head whose attention picks out the
+    shape's few tokens among the background's (the position is in those tokens' content, from the encoder's
+    absolute table); with two heads no head did on the seed measured, with four two did (docs/finetuning.md).
+    ``rope_theta`` 1e4 keeps the M-RoPE angles between neighbouring vision tokens large enough to matter (the
+    ``tiny`` preset's 1e5 with head dim 16 gives under 0.2 rad across a 4 x 4 grid).
     """
     tokenizer = load_default_tokenizer()
     config = ArlowTextConfig(
