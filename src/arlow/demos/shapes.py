@@ -9,7 +9,7 @@ Every stage is the real command's code path (``arlow pretrain``, ``arlow create-
 1. :func:`~arlow.data.shapes.write_shapes_dataset` writes images, clips, captions, conversations and held-out
    questions (``shuffle_answers=True``: every training medium paired with another sample's texts).
 2. ``arlow pretrain`` trains a tiny encoder (width 64, 4 blocks) with MAE on the generated images and clips.
-3. A random tiny ``ArlowForCausalLM`` (width 64, 2 layers, 2 heads, the built-in 8,192-token tokenizer; see
+3. A random tiny ``ArlowForCausalLM`` (width 64, 2 layers, 4 heads, the built-in 8,192-token tokenizer; see
    :func:`write_text_model`) is assembled with the exported encoder by ``arlow create-model``'s code; the processor is
    set to keep the generated sizes.
 4. ``arlow align`` trains on captions, ``arlow sft`` on conversations.
@@ -105,7 +105,7 @@ def write_text_model(folder: str | Path, settings: DemoSettings) -> Path:
 
     Four heads of 16 rather than two of 32: reading where the shape is needs a head whose attention picks out the
     shape's few tokens among the background's (the position is in those tokens' content, from the encoder's
-    absolute table); with two heads no head did on the seed measured, with four two did (docs/finetuning.md).
+    absolute table); with two heads no head did on the seed examined, with four, two heads did (docs/finetuning.md).
     ``rope_theta`` 1e4 keeps the M-RoPE angles between neighbouring vision tokens large enough to matter (the
     ``tiny`` preset's 1e5 with head dim 16 gives under 0.2 rad across a 4 x 4 grid).
     """
