@@ -7,6 +7,11 @@ against their answers ("shuffled"). See docs/finetuning.md and arlow.demos.shape
     python scripts/demo_shapes_pipeline.py runs/shapes-demo                  # real + shuffled pipelines
     python scripts/demo_shapes_pipeline.py runs/shapes-demo --short          # the test's size
     python scripts/demo_shapes_pipeline.py runs/shapes-demo --only real --seed 1 --threads 1
+    # choosing settings: a validation set, the test questions left alone, instruction tuning re-run on the same
+    # earlier stages with a changed recipe value
+    python scripts/demo_shapes_pipeline.py runs/v --short --only real --validation 60 --no-test
+    python scripts/demo_shapes_pipeline.py runs/v --short --only real --validation 60 --no-test --start-at sft \
+        --override sft:train.learning_rate=3e-3
 
 Threads: ``--threads auto`` (the default) uses one thread per idle core - the cores minus the 1-minute load
 average, at least one - so that on a loaded machine it runs single-threaded, which is faster there (more threads
@@ -52,6 +57,13 @@ def main() -> int:
     parser.add_argument("--only", choices=("real", "shuffled"), help="run one of the two pipelines")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sft-steps", type=int, default=None)
+    parser.add_argument("--validation", type=int, default=0, metavar="N",
+                        help="also write and score a validation set of N questions per type (its own media)")
+    parser.add_argument("--no-test", action="store_true", help="do not score the held-out test questions")
+    parser.add_argument("--start-at", choices=("pretrain", "align", "sft"), default="pretrain",
+                        help="reuse the earlier stages already in OUTPUT (a run with the same settings)")
+    parser.add_argument("--override", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                        help="a recipe value for one stage (pretrain, align or sft), e.g. sft:train.max_steps=800")
     parser.add_argument("--threads", type=threads_arg, default="auto",
                         help="torch threads: a number, or 'auto' (default): one per idle core, at least one")
     args = parser.parse_args()
@@ -63,16 +75,28 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     print(f"[demo] {args.threads} thread(s)")
-    settings = replace(SHORT if args.short else FULL, seed=args.seed)
+    settings = replace(SHORT if args.short else FULL, seed=args.seed, val_images=args.validation,
+                       val_singles=args.validation, val_clips=args.validation)
     if args.sft_steps:
         settings = replace(settings, sft_steps=args.sft_steps)
+    overrides = {}
+    for item in args.override:
+        stage, sep, value = item.partition(":")
+        if not sep or stage not in ("pretrain", "align", "sft") or "=" not in value:
+            parser.error(f"--override takes STAGE:KEY=VALUE with STAGE pretrain, align or sft, got {item!r}")
+        overrides.setdefault(stage, []).append(value)
+    settings = replace(settings, overrides=overrides)
     results = {}
     for name in ("real", "shuffled"):
         if args.only and name != args.only:
             continue
-        out = run_pipeline(os.path.join(args.output, name), settings, shuffle_answers=name == "shuffled")
-        results[name] = out["accuracy"]
-        results[f"{name}, mismatched media"] = out["mismatched"]
+        out = run_pipeline(os.path.join(args.output, name), settings, shuffle_answers=name == "shuffled",
+                           start_at=args.start_at, test=not args.no_test)
+        if "validation" in out:
+            results[f"{name}, validation"] = out["validation"]
+        if "accuracy" in out:
+            results[name] = out["accuracy"]
+            results[f"{name}, mismatched media"] = out["mismatched"]
     print(format_table(results))
     with open(os.path.join(args.output, "summary.json"), "w") as handle:
         json.dump(results, handle, indent=2)

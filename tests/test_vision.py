@@ -865,3 +865,14 @@ def test_position_table_starts_as_the_sine_cosine_table(tiny_config):
                 want[h * side + w, k], want[h * side + w, quarter + k] = math.sin(h * f), math.cos(h * f)
                 want[h * side + w, 2 * quarter + k], want[h * side + w, 3 * quarter + k] = math.sin(w * f), math.cos(w * f)
     torch.testing.assert_close(model.pos_embed.weight.detach(), want)
+    # position_embedding_scale multiplies the initial table - also when the encoder is built inside the MAE model,
+    # whose own _init_weights has no vision config
+    from arlow.pretrain.mae import ArlowMAEConfig, ArlowMAEForPreTraining
+
+    scaled = ArlowVLVisionModel(tiny_config("vision", num_position_embeddings=9, position_embedding_scale=4.0))
+    torch.testing.assert_close(scaled.pos_embed.weight.detach(), 4.0 * want)
+    mae = ArlowMAEForPreTraining(ArlowMAEConfig(vision_config=tiny_config("vision", num_position_embeddings=9,
+                                                                          position_embedding_scale=4.0).to_dict()))
+    torch.testing.assert_close(mae.encoder.pos_embed.weight.detach(), 4.0 * want)
+    with pytest.raises(ValueError, match="position_embedding_scale"):
+        tiny_config("vision", num_position_embeddings=9, position_embedding_scale=0.0)

@@ -14,12 +14,17 @@ held-out questions.
 
 Layout written by :func:`write_shapes_dataset`::
 
-    root/images/{train,eval,eval-single}/NNNNN.png   112 x 112 (``image_size``)
-    root/clips/{train,eval}/NNNNN.mp4      8 frames of 112 x 112 at 4 fps (``clip_size``, ``clip_frames``, ``clip_fps``)
+    root/images/{train,eval,eval-single,val,val-single}/NNNNN.png   112 x 112 (``image_size``)
+    root/clips/{train,eval,val}/NNNNN.mp4  8 frames of 112 x 112 at 4 fps (``clip_size``, ``clip_frames``, ``clip_fps``)
     root/captions.jsonl                    {"image"|"video": path, "caption": ...}            (arlow align)
     root/chat.jsonl                        {"messages": [...]}                               (arlow sft)
     root/eval.jsonl                        {"kind", "media", "task", "question", "choices", "answer"}
                                            (eval_images colour + count, eval_singles position, eval_clips motion)
+    root/val.jsonl                         the same for the validation set (``val_images``, ``val_singles``,
+                                           ``val_clips``; written only when one of them is set)
+
+The validation questions come from a third random stream, so settings can be chosen on them without ever looking at
+the held-out test questions (``eval.jsonl``), and adding them changes neither the training nor the test data.
 """
 
 from __future__ import annotations
@@ -207,7 +212,8 @@ def _derangement(rng: np.random.Generator, n: int) -> list[int]:
 
 
 def write_shapes_dataset(root: str | Path, *, train_images: int = 400, train_clips: int = 200, eval_images: int = 100,
-                         eval_singles: int = 100, eval_clips: int = 100, image_size: int = 112,
+                         eval_singles: int = 100, eval_clips: int = 100, val_images: int = 0, val_singles: int = 0,
+                         val_clips: int = 0, image_size: int = 112,
                          clip_size: int = 112, clip_frames: int = 8, clip_fps: float = 4.0,
                          text_only_fraction: float = 0.05, pair_fraction: float = 0.1, single_fraction: float = 0.5,
                          seed: int = 0, shuffle_answers: bool = False) -> dict[str, Path]:
@@ -219,16 +225,22 @@ def write_shapes_dataset(root: str | Path, *, train_images: int = 400, train_cli
     2-4 in equal parts). Held out: ``eval_images`` images with every count and colour equally often (one colour and
     one count question each), ``eval_singles`` single-shape images with every quadrant equally often (a position
     question each) and ``eval_clips`` clips with every direction equally often (a motion question each).
-    Deterministic in ``seed``; the held-out part depends on ``seed`` and the eval sizes only.
+    Deterministic in ``seed``; the held-out part depends on ``seed`` and the eval sizes only. ``val_*``: a validation
+    set built like the held-out one from its own stream (``val.jsonl``), for choosing settings.
     """
     if shuffle_answers and (train_images < 2 or train_clips < 2):
         raise ValueError("shuffle_answers needs at least 2 training images and 2 training clips to shuffle between")
     root = Path(root)
     rng = np.random.default_rng(seed)
     held_out_rng = np.random.default_rng([seed, 1])  # its own stream: the same held-out set for every variant
+    val_rng = np.random.default_rng([seed, 2])  # the validation set's own stream
+    validation = bool(val_images or val_singles or val_clips)
     for sub in ("images/train", "images/eval", "images/eval-single", "clips/train", "clips/eval"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    captions, chats, evals = [], [], []
+    if validation:
+        for sub in ("images/val", "images/val-single", "clips/val"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+    captions, chats = [], []
 
     def image_set(rng: np.random.Generator, folder: str, counts: list[int]) -> list[tuple[str, Scene]]:
         n = len(counts)
@@ -299,29 +311,40 @@ def write_shapes_dataset(root: str | Path, *, train_images: int = 400, train_cli
         chats.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
     order = rng.permutation(len(chats))
 
-    def ask(kind: str, path: str, task: str, answer: str) -> None:
-        evals.append({"kind": kind, "media": path, "task": task, "question": QUESTIONS[task],
-                      "choices": list(CHOICES[task]), "answer": answer})
+    def question_set(rng: np.random.Generator, folder: str, images: int, singles: int, clips: int) -> list[dict]:
+        """Questions with balanced answers on fresh media: colour + count, position (single shapes), motion."""
+        out = []
 
-    for path, scene in image_set(held_out_rng, "eval", _balanced(held_out_rng, eval_images, [1, 2, 3, 4])):
-        ask("image", path, "colour", scene.colour)
-        ask("image", path, "count", COUNTS[scene.count - 1])
-    for path, scene in image_set(held_out_rng, "eval-single", [1] * eval_singles):
-        ask("image", path, "position", scene.position)
-    for path, motion in clip_set(held_out_rng, "eval", eval_clips):
-        ask("video", path, "motion", motion.direction)
+        def ask(kind: str, path: str, task: str, answer: str) -> None:
+            out.append({"kind": kind, "media": path, "task": task, "question": QUESTIONS[task],
+                        "choices": list(CHOICES[task]), "answer": answer})
+
+        for path, scene in image_set(rng, folder, _balanced(rng, images, [1, 2, 3, 4])):
+            ask("image", path, "colour", scene.colour)
+            ask("image", path, "count", COUNTS[scene.count - 1])
+        for path, scene in image_set(rng, f"{folder}-single", [1] * singles):
+            ask("image", path, "position", scene.position)
+        for path, motion in clip_set(rng, folder, clips):
+            ask("video", path, "motion", motion.direction)
+        return out
+
+    evals = question_set(held_out_rng, "eval", eval_images, eval_singles, eval_clips)
+    vals = question_set(val_rng, "val", val_images, val_singles, val_clips) if validation else []
 
     paths = {"root": root, "captions": root / "captions.jsonl", "chat": root / "chat.jsonl",
              "eval": root / "eval.jsonl", "train_images": root / "images" / "train",
              "train_clips": root / "clips" / "train"}
-    for name, rows in (("captions", captions), ("chat", [chats[i] for i in order]), ("eval", evals)):
+    if validation:
+        paths["val"] = root / "val.jsonl"
+    for name, rows in (("captions", captions), ("chat", [chats[i] for i in order]), ("eval", evals),
+                       *((("val", vals),) if validation else ())):
         with open(paths[name], "w") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
     (root / "shapes.json").write_text(json.dumps({
         "seed": seed, "shuffle_answers": shuffle_answers, "train_images": train_images, "train_clips": train_clips,
-        "eval_images": eval_images, "eval_singles": eval_singles, "eval_clips": eval_clips, "image_size": image_size,
-        "clip_size": clip_size, "clip_frames": clip_frames, "clip_fps": clip_fps, "captions": len(captions),
+        "eval_images": eval_images, "eval_singles": eval_singles, "eval_clips": eval_clips, "val_images": val_images,
+        "val_singles": val_singles, "val_clips": val_clips, "image_size": image_size, "clip_size": clip_size, "clip_frames": clip_frames, "clip_fps": clip_fps, "captions": len(captions),
         "conversations": len(chats), "eval_questions": len(evals)}, indent=2) + "\n")
     return paths
 

@@ -294,7 +294,12 @@ class ArlowVisionPatchEmbed(nn.Module):
 
 class ArlowVisionPositionTable(nn.Embedding):
     """The learned ``S x S`` absolute position table (``num_position_embeddings = S * S`` rows of ``embed_dim``),
-    initialised with :func:`sincos_position_table`; read out by :meth:`ArlowVLVisionModel._absolute_positions`."""
+    initialised with :func:`sincos_position_table` times ``init_scale`` (``config.position_embedding_scale``); read
+    out by :meth:`ArlowVLVisionModel._absolute_positions`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_scale: float = 1.0):
+        super().__init__(num_embeddings, embedding_dim)
+        self.init_scale = init_scale  # kept on the module: an outer model's _init_weights has another config
 
 
 class ArlowVisionRotaryEmbedding(nn.Module):
@@ -445,7 +450,8 @@ class ArlowPreTrainedModel(ActivationCheckpointingCompat, PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, ArlowVisionPositionTable):
-            init.copy_(module.weight, sincos_position_table(math.isqrt(module.num_embeddings), module.embedding_dim))
+            table = sincos_position_table(math.isqrt(module.num_embeddings), module.embedding_dim)
+            init.copy_(module.weight, table * module.init_scale)
         else:
             super()._init_weights(module)
 
@@ -468,7 +474,8 @@ class ArlowVLVisionModel(ArlowPreTrainedModel):
         self.blocks = nn.ModuleList(ArlowVLBlock(config) for _ in range(config.depth))
         self.merger = ArlowVLPatchMerger(config)
         if config.num_position_embeddings:
-            self.pos_embed = ArlowVisionPositionTable(config.num_position_embeddings, config.embed_dim)
+            self.pos_embed = ArlowVisionPositionTable(config.num_position_embeddings, config.embed_dim,
+                                                      config.position_embedding_scale)
         if config.use_progressive_patches:
             self.progressive_proj = Linear(config.embed_dim, config.embed_dim)
         if config.deepstack_visual_indexes:
