@@ -7,7 +7,9 @@ norm-pix loss, 2-pixel translations) for one seed (weights and batches):
 * ``rank_random`` / ``rank_pretrained``: effective rank of ``arlow probe``'s default feature (``deepstack``) on the
   evaluation images, for the random initialisation and the pretrained encoder (and at every ``rank_at`` step);
 * ``ft_random`` / ``ft_pretrained``: fine-tuning top-1 (encoder + LayerNorm + Linear head end to end on the same
-  feature, ``arlow.evaluation.finetune_accuracy``, the same batches for both) on the evaluation images.
+  feature, ``arlow.evaluation.finetune_accuracy``, the same batches for both) on the evaluation images;
+* with ``--ft-last-blocks K``, also ``ftK_random`` / ``ftK_pretrained``: MAE's partial fine-tuning (the stem and all
+  blocks but the last K frozen; the same recipe and batches).
 
 ``--mode select`` pretrains on the fit part of the training split and scores its validation part (choose the recipe
 here); ``--mode test`` pretrains on the whole training split and scores the test split (as
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -37,6 +40,7 @@ FEATURE = "deepstack"  # arlow probe's default feature for an encoder with DeepS
 
 def measure(seed: int, mode: str = "select", steps: int = 1000, lr: float = 1.5e-3, batch: int = 128,
             warmup: int = 50, ft_epochs: int = 15, ft_lr: float = 1e-3, rank_at=(), finetune: bool = True,
+            ft_last_blocks: int | None = None,
             log=None) -> dict:
     """One seed of the test's protocol (see the module docstring); returns the numbers and the wall times."""
     from arlow.evaluation import effective_rank
@@ -67,10 +71,16 @@ def measure(seed: int, mode: str = "select", steps: int = 1000, lr: float = 1.5e
     if finetune:
         config = FinetuneConfig(epochs=ft_epochs, learning_rate=ft_lr, seed=0)
         classes = int(train_y.max()) + 1
-        for name, encoder in (("random", initial), ("pretrained", mae_lab.encoder_of(model))):
-            res = finetune_accuracy(encoder, train_x, train_y, eval_x, eval_y, classes, config, features_fn=feature)
-            out[f"ft_{name}"], out[f"ft_{name}_seconds"] = res["top1"], res["seconds"]
-        out["ft_images"] = round((out["ft_pretrained"] - out["ft_random"]) * len(eval_y))  # the margin in images
+        runs = [("ft", config)]
+        if ft_last_blocks is not None:
+            out["ft_last_blocks"] = ft_last_blocks
+            runs.append((f"ft{ft_last_blocks}", dataclasses.replace(config, last_blocks=ft_last_blocks)))
+        for tag, cfg in runs:
+            for name, encoder in (("random", initial), ("pretrained", mae_lab.encoder_of(model))):
+                res = finetune_accuracy(encoder, train_x, train_y, eval_x, eval_y, classes, cfg, features_fn=feature)
+                out[f"{tag}_{name}"], out[f"{tag}_{name}_seconds"] = res["top1"], res["seconds"]
+            # the margin in images
+            out[f"{tag}_images"] = round((out[f"{tag}_pretrained"] - out[f"{tag}_random"]) * len(eval_y))
     out["eval_images"] = len(eval_y)
     return out
 
@@ -87,6 +97,8 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float, default=1e-3)
     parser.add_argument("--rank-at", nargs="*", type=int, default=[])
     parser.add_argument("--no-finetune", action="store_true", help="ranks only (cheap)")
+    parser.add_argument("--ft-last-blocks", type=int, default=None, metavar="K",
+                        help="also run partial fine-tuning of the last K blocks")
     parser.add_argument("--output", default="runs/mae-margin")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -94,7 +106,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         res = measure(seed, args.mode, args.steps, args.lr, args.batch, args.warmup, args.ft_epochs, args.ft_lr,
-                      args.rank_at, not args.no_finetune, log=lambda s: print(s, flush=True))
+                      args.rank_at, not args.no_finetune, args.ft_last_blocks, log=lambda s: print(s, flush=True))
         print(json.dumps(res), flush=True)
         with out.open("a") as f:
             f.write(json.dumps(res) + "\n")

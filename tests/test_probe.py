@@ -1,5 +1,6 @@
 """Frozen-feature evaluation: k-NN, linear probe, datasets and the `arlow probe` command end to end."""
 
+import copy
 import json
 import logging
 
@@ -368,11 +369,62 @@ def test_finetune_learns_bars_leaves_the_encoder_alone_and_is_seeded(exported, f
         finetune_accuracy(model, x, y + 1, x, y, 2, config)
 
 
-def test_cli_reports_feature_rank_and_finetuning(tiny_config, folder, config_json, tmp_path, capsys):
+def test_partial_finetuning_trains_only_the_last_blocks_and_what_follows(tiny_config, folder):
+    from arlow.evaluation import FinetuneConfig, finetune_accuracy
+    from arlow.evaluation.features import image_pixels, pooled_features
+    from arlow.evaluation.finetune import freeze_all_but_last_blocks
+
+    config = tiny_config("encoder", depth=3, use_progressive_patches=True, num_position_embeddings=16)
+    model = ArlowVLVisionModel(config).eval()
+    x = image_pixels(labelled_images(folder), RES)
+    y = torch.tensor([0 if n == "horizontal" else 1 for n in labelled_images(folder).names])
+    stem = ("patch_embed.", "pos_embed.", "progressive_proj.", "blocks.0.", "blocks.1.")
+    expected = {name for name, _ in model.named_parameters() if name.startswith(stem)}
+    assert any(n.startswith("pos_embed.") for n in expected) and any(n.startswith("progressive_proj.") for n in expected)
+
+    partial = copy.deepcopy(model)
+    assert set(freeze_all_but_last_blocks(partial, 1)) == expected
+    pooled_features(partial, x[:4]).square().sum().backward()
+    for name, parameter in partial.named_parameters():  # gradients reach exactly the trainable parameters
+        assert (parameter.grad is None) == (name in expected), name
+
+    dim = pooled_features(model, x[:1]).shape[1]
+    head = 2 * dim + dim * 2 + 2  # LayerNorm + Linear(dim, 2 classes)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if n not in expected)
+    cfg = dict(epochs=2, batch_size=8, learning_rate=2e-3, seed=1)
+    tuned = finetune_accuracy(model, x, y, x, y, 2, FinetuneConfig(**cfg, last_blocks=1))
+    full = finetune_accuracy(model, x, y, x, y, 2, FinetuneConfig(**cfg))
+    assert tuned["trainable_parameters"] == trainable + head and tuned["config"]["last_blocks"] == 1
+    assert full["trainable_parameters"] == sum(p.numel() for p in model.parameters()) + head
+    assert all(p.requires_grad for p in model.parameters())  # the caller's encoder is left alone
+
+    with pytest.raises(ValueError, match=r"last_blocks must lie in \[0, 3\]"):
+        freeze_all_but_last_blocks(copy.deepcopy(model), 4)
+    with pytest.raises(ValueError, match="needs an encoder with `blocks`, `layers` or `encoder.layer`"):
+        freeze_all_but_last_blocks(torch.nn.Linear(2, 2), 0)
+
+
+def test_partial_finetuning_finds_the_blocks_of_transformers_vit_encoders():
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    from arlow.evaluation.finetune import freeze_all_but_last_blocks
+
+    model = ViTMAEModel(ViTMAEConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=32, image_size=8, patch_size=4))
+    blocks = model.layers if hasattr(model, "layers") else model.encoder.layer  # transformers >= 5.2x / older
+    first = {id(p) for p in [*model.embeddings.parameters(), *blocks[0].parameters()]}
+    frozen = freeze_all_but_last_blocks(model, 2)
+    assert sorted(frozen) == sorted(n for n, p in model.named_parameters() if id(p) in first)
+    assert all(p.requires_grad == (id(p) not in first) for p in model.parameters())
+    assert model.layernorm.weight.requires_grad and next(blocks[2].parameters()).requires_grad
+
+
+@pytest.mark.parametrize("partial", [[], ["--finetune-last-blocks", "1"]], ids=["full", "last-block"])
+def test_cli_reports_feature_rank_and_finetuning(tiny_config, folder, config_json, tmp_path, capsys, partial):
     from arlow.evaluation import effective_rank
 
     code, result, stdout = run_probe(["--random-init", str(config_json), "--dataset", str(folder), "--test-fraction",
-                                      "0.5", "--feature", "blocks", "--finetune", "--finetune-epochs", "2"],
+                                      "0.5", "--feature", "blocks", "--finetune", "--finetune-epochs", "2", *partial],
                                      tmp_path, capsys)
     assert code == 0 and result["feature"] == "blocks" and result["feature_dim"] == tiny_config("encoder").embed_dim
     model, _ = random_encoder(config_json, seed=0)
@@ -381,3 +433,5 @@ def test_cli_reports_feature_rank_and_finetuning(tiny_config, folder, config_jso
     assert result["feature_rank"] == pytest.approx(effective_rank(feats), rel=1e-6)
     assert f"(effective rank {result['feature_rank']:.1f})" in stdout and "fine-tuned top-1" in stdout
     assert result["finetune"]["epochs"] == 2 and 0.0 <= result["finetune"]["top1"] <= 1.0
+    assert result["finetune"]["last_blocks"] == (1 if partial else None)
+    assert ("last 1 blocks fine-tuned top-1" in stdout) == bool(partial)

@@ -111,6 +111,8 @@ def _probe(parser: argparse.ArgumentParser) -> None:
     tuning.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: 10)")
     tuning.add_argument("--finetune-lr", type=float, default=None, help="peak AdamW lr (default: 5e-4)")
     tuning.add_argument("--finetune-batch-size", type=int, default=None, help="mini-batch (default: 64)")
+    tuning.add_argument("--finetune-last-blocks", type=int, default=None, metavar="K",
+                        help="partial fine-tuning: only the last K blocks and what follows them train (default: all)")
     parser.add_argument("--output", default="probe_results.json", help="JSON result file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=None,

@@ -1,5 +1,10 @@
 """Fine-tuning evaluation (MAE's main protocol): the whole encoder and a linear head trained end to end.
 
+``FinetuneConfig.last_blocks = k`` runs MAE's *partial* fine-tuning instead: the stem (the modules that run before
+the first block: ``patch_embed``, ``pos_embed``, ``progressive_proj``; ``embeddings`` in transformers' ViT family)
+and every block but the last ``k`` stay frozen; the last ``k`` blocks, whatever runs after them (mergers, final
+norm) and the head train. ``k = 0`` trains only what follows the blocks.
+
 ``finetune_accuracy`` copies the encoder (the caller's model is left untouched), puts a ``LayerNorm`` + ``Linear``
 head (MAE's ``fc_norm`` + ``head`` of global-pool fine-tuning) on its pooled feature (:func:`arlow.evaluation.features.pooled_features`, or any ``features_fn``), trains both with AdamW,
 cross-entropy with label smoothing, a linear warm-up and a per-step cosine decay, random translations of a few
@@ -22,7 +27,10 @@ import torch.nn.functional as F
 
 from .features import pooled_features
 
-__all__ = ["FinetuneConfig", "finetune_accuracy", "random_shift"]
+__all__ = ["FinetuneConfig", "finetune_accuracy", "freeze_all_but_last_blocks", "random_shift"]
+
+# Top-level modules that run before the first block (Arlow's vision encoder; transformers' ViT family).
+_STEM = ("patch_embed", "pos_embed", "progressive_proj", "embeddings")
 
 
 @dataclass
@@ -37,6 +45,36 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     shift: int = 2  # augmentation: random translation by up to this many pixels (0: none)
     seed: int = 0
+    last_blocks: int | None = None  # None: the whole encoder trains; k: partial fine-tuning of the last k blocks
+
+
+def _blocks(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's transformer blocks: Arlow's ``blocks``, or transformers' ViT family's (``layers`` from 5.2x,
+    ``encoder.layer`` before)."""
+    for path in ("blocks", "layers", "encoder.layer", "encoder.layers"):
+        try:
+            blocks = encoder.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise ValueError(f"partial fine-tuning needs an encoder with `blocks`, `layers` or `encoder.layer`, got "
+                     f"{type(encoder).__name__}; use last_blocks=None to fine-tune the whole encoder")
+
+
+def freeze_all_but_last_blocks(encoder: nn.Module, last_blocks: int) -> list[str]:
+    """Freeze ``encoder``'s stem and all blocks but the last ``last_blocks`` (in place); returns the frozen names."""
+    blocks = _blocks(encoder)
+    if not 0 <= last_blocks <= len(blocks):
+        raise ValueError(f"last_blocks must lie in [0, {len(blocks)}] (the encoder's depth), got {last_blocks}")
+    frozen_ids = {id(p) for block in blocks[:len(blocks) - last_blocks] for p in block.parameters()}
+    frozen_ids |= {id(p) for name, child in encoder.named_children() if name in _STEM for p in child.parameters()}
+    frozen = []
+    for name, parameter in encoder.named_parameters():
+        if id(parameter) in frozen_ids:
+            parameter.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -57,7 +95,8 @@ def finetune_accuracy(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.
                       test_y: torch.Tensor, num_classes: int, config: FinetuneConfig | None = None,
                       features_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Fine-tune a copy of ``encoder`` + a linear head on ``train_x (n, 3, R, R)`` (normalised pixels) /
-    ``train_y (n,)``; returns ``{"top1", "train_top1", "seconds", "config"}`` (test top-1 on ``test_x``/``test_y``).
+    ``train_y (n,)``; returns ``{"top1", "train_top1", "trainable_parameters", "seconds", "config"}`` (test top-1 on
+    ``test_x``/``test_y``; the trained parameters counted with the head's).
 
     ``features_fn(encoder, pixels) -> (B, D)`` pools the encoder's output (default: Arlow's default probe feature).
     """
@@ -70,6 +109,8 @@ def finetune_accuracy(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.
         raise ValueError(f"labels must lie in [0, num_classes={num_classes})")
     started = time.time()
     model = copy.deepcopy(encoder)
+    if config.last_blocks is not None:
+        freeze_all_but_last_blocks(model, config.last_blocks)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
     model.eval()
@@ -80,7 +121,7 @@ def finetune_accuracy(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.
     with torch.no_grad():  # MAE's head init: small weights, zero bias
         head[1].weight.copy_(torch.randn(head[1].weight.shape, generator=generator) * 0.01)
         head[1].bias.zero_()
-    params = list(model.parameters()) + list(head.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -119,4 +160,5 @@ def finetune_accuracy(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.
         return hits / x.shape[0]
 
     return {"top1": accuracy(test_x, test_y), "train_top1": accuracy(train_x, train_y),
-            "seconds": round(time.time() - started, 2), "config": asdict(config)}
+            "trainable_parameters": sum(p.numel() for p in params), "seconds": round(time.time() - started, 2),
+            "config": asdict(config)}

@@ -120,7 +120,8 @@ def probe_encoder(encoder=None, *, random_init: str | None = None, init_seed: in
         tuned = finetune_accuracy(model, image_pixels(train_set, resolution), y_train,
                                   image_pixels(test_set, resolution), y_test, len(classes), finetune,
                                   features_fn=lambda encoder, pixels: pooled_features(encoder, pixels, feature))
-        result["finetune"] = {**tuned["config"], "top1": tuned["top1"], "train_top1": tuned["train_top1"]}
+        result["finetune"] = {**tuned["config"], "top1": tuned["top1"], "train_top1": tuned["train_top1"],
+                              "trainable_parameters": tuned["trainable_parameters"]}
         result["seconds"]["finetune"] = tuned["seconds"]
         result["seconds"]["total"] = round(time.time() - started, 2)
     if output is not None:
@@ -134,7 +135,11 @@ def summary_line(result: dict) -> str:
     (effective rank 41.3) | ENCODER``"""
     skipped = f", {result['num_skipped']} skipped" if result["num_skipped"] else ""
     rank = f" (effective rank {result['feature_rank']:.1f})" if result.get("feature_rank") is not None else ""
-    tuned = f" | fine-tuned top-1 {100 * result['finetune']['top1']:.2f}%" if "finetune" in result else ""
+    tuned = ""
+    if "finetune" in result:
+        last = result["finetune"].get("last_blocks")
+        tuned = f" | {'fine-tuned' if last is None else f'last {last} blocks fine-tuned'} top-1 " \
+                f"{100 * result['finetune']['top1']:.2f}%"
     return (f"probe: k-NN (k={result['knn']['k']}) top-1 {100 * result['knn']['top1']:.2f}% | linear top-1 "
             f"{100 * result['linear']['top1']:.2f}%{tuned} | {result['num_train']} train / {result['num_test']} test, "
             f"{result['num_classes']} classes, {result['feature']} dim {result['feature_dim']}{rank}{skipped} | "
@@ -148,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     given = dict(epochs=args.epochs, batch_size=args.probe_batch_size, learning_rate=args.lr)
     linear = LinearProbeConfig(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
-    tuned = dict(epochs=args.finetune_epochs, learning_rate=args.finetune_lr, batch_size=args.finetune_batch_size)
+    tuned = dict(epochs=args.finetune_epochs, learning_rate=args.finetune_lr, batch_size=args.finetune_batch_size,
+                 last_blocks=args.finetune_last_blocks)
     result = probe_encoder(
         args.encoder, random_init=args.random_init, init_seed=args.init_seed, dataset=args.dataset,
         train=args.train, test=args.test, resolution=args.resolution, test_fraction=args.test_fraction,
