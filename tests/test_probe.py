@@ -435,3 +435,9 @@ def test_cli_reports_feature_rank_and_finetuning(tiny_config, folder, config_jso
     assert result["finetune"]["epochs"] == 2 and 0.0 <= result["finetune"]["top1"] <= 1.0
     assert result["finetune"]["last_blocks"] == (1 if partial else None)
     assert ("last 1 blocks fine-tuned top-1" in stdout) == bool(partial)
+
+
+def test_cli_refuses_partial_finetuning_without_finetune(config_json, folder, tmp_path, capsys):
+    code = main(["probe", "--random-init", str(config_json), "--dataset", str(folder), "--finetune-last-blocks", "1",
+                 "--output", str(tmp_path / "r.json")])
+    assert code == 2 and "add --finetune" in capsys.readouterr().err and not (tmp_path / "r.json").exists()

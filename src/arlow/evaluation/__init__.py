@@ -7,7 +7,7 @@ the encoder with a linear head (MAE's main protocol); the pieces are importable 
 
 from .datasets import LabelledImages, labelled_images, read_csv, stratified_split
 from .features import extract_features, load_encoder, random_encoder
-from .finetune import FinetuneConfig, finetune_accuracy
+from .finetune import FinetuneConfig, finetune_accuracy, freeze_all_but_last_blocks
 from .knn import knn_accuracy, knn_predict
 from .linear_probe import LinearProbe, LinearProbeConfig, probe_accuracy, train_linear_probe
 from .probe import probe_encoder, summary_line
@@ -17,4 +17,5 @@ __all__ = [
     "LabelledImages", "labelled_images", "read_csv", "stratified_split", "extract_features", "load_encoder",
     "random_encoder", "knn_accuracy", "knn_predict", "LinearProbe", "LinearProbeConfig", "probe_accuracy",
     "train_linear_probe", "probe_encoder", "summary_line", "effective_rank", "FinetuneConfig", "finetune_accuracy",
+    "freeze_all_but_last_blocks",
 ]

@@ -151,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.finetune_last_blocks is not None and not args.finetune:
+        raise ValueError("--finetune-last-blocks sets how the fine-tuning protocol runs: add --finetune")
     given = dict(epochs=args.epochs, batch_size=args.probe_batch_size, learning_rate=args.lr)
     linear = LinearProbeConfig(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
     tuned = dict(epochs=args.finetune_epochs, learning_rate=args.finetune_lr, batch_size=args.finetune_batch_size,
