@@ -138,8 +138,8 @@ def summary_line(result: dict) -> str:
     tuned = ""
     if "finetune" in result:
         last = result["finetune"].get("last_blocks")
-        tuned = f" | {'fine-tuned' if last is None else f'last {last} blocks fine-tuned'} top-1 " \
-                f"{100 * result['finetune']['top1']:.2f}%"
+        how = "fine-tuned" if last is None else f"last {last} blocks fine-tuned"
+        tuned = f" | {how} top-1 {100 * result['finetune']['top1']:.2f}%"
     return (f"probe: k-NN (k={result['knn']['k']}) top-1 {100 * result['knn']['top1']:.2f}% | linear top-1 "
             f"{100 * result['linear']['top1']:.2f}%{tuned} | {result['num_train']} train / {result['num_test']} test, "
             f"{result['num_classes']} classes, {result['feature']} dim {result['feature_dim']}{rank}{skipped} | "
